@@ -1,0 +1,174 @@
+"""Atomic safetensors checkpoints that rebuild themselves from their recipe.
+
+A checkpoint holds every tensor of the model's state dict and, in the safetensors metadata
+(string values only):
+
+* ``retrofit.recipe`` — the JSON :class:`~retrofit.recipe.Recipe`;
+* ``retrofit.sha256`` — a digest of every tensor's name, dtype, shape and bytes, so a
+  truncated or edited file is refused rather than loaded into a subtly wrong model.
+
+Writes go to a temporary file in the target folder, are flushed to disk, then renamed over
+the target: a crash at any point leaves either the old file or the new one, never a part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import RetrofitError
+from .models import SOURCE_MARK, ModelSpec, build, load_state_dict_strict
+from .recipe import Recipe, recipe_of
+from .surgery import MODEL_MARK, Retrofit, apply_plan
+from .graph import find_sites
+
+RECIPE_KEY = "retrofit.recipe"
+DIGEST_KEY = "retrofit.sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors with no shared storage (safetensors refuses aliases)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and (key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+            t = t.clone()
+        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        out[name] = t
+    return out
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``model``'s state dict and recipe to ``path`` (``.safetensors``), atomically.
+
+    Args:
+        model: a model from :func:`retrofit.load_model`, retrofitted or not (a timm model
+            made otherwise is named from its ``pretrained_cfg``).
+        path: target file.
+        overwrite: when False, an existing ``path`` is an error.
+        extra: JSON-ready data stored in the recipe's ``extra`` (e.g. fine-tuning settings).
+
+    Returns: the path written. Raises :class:`RetrofitError` if it exists and ``overwrite`` is False,
+    or when the model's architecture cannot be named.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise RetrofitError(f"{path} exists; pass --overwrite to replace it")
+    recipe = recipe_of(model, extra)
+    tensors = _contiguous_unshared(model.state_dict())
+    metadata = {RECIPE_KEY: recipe.to_json(), DIGEST_KEY: tensors_digest(tensors)}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return path
+
+
+def read_recipe(path: str | os.PathLike) -> Recipe:
+    """The recipe stored in a checkpoint, without loading its tensors."""
+    return _open(Path(path))[0]
+
+
+def _open(path: Path) -> tuple[Recipe, dict[str, str]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise RetrofitError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise RetrofitError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from None
+    if RECIPE_KEY not in metadata:
+        raise RetrofitError(f"{path} is not a retrofit checkpoint (no recipe in its metadata)")
+    return Recipe.from_json(metadata[RECIPE_KEY]), metadata
+
+
+def rebuild(recipe: Recipe) -> nn.Module:
+    """The recipe's architecture with its blocks inserted, random weights, no download."""
+    source = recipe.source
+    model = build(ModelSpec(source["model"], source["zoo"], dict(source.get("kwargs") or {})))
+    setattr(model, SOURCE_MARK, dict(source))
+    if not recipe.sites:
+        return model.eval()
+    input_size = tuple(recipe.input_size) if recipe.input_size else None
+    sites, _ = find_sites(model, input_size)
+    by_key = {(s.owner, s.index): s for s in sites}
+    planned = []
+    for entry in recipe.sites:
+        site = by_key.get((entry["owner"], entry["index"]))
+        if site is None or site.channels != entry.get("site_channels", site.channels):
+            raise RetrofitError(
+                f"site {entry['owner']} of the recipe is not in {source['model']} as built here "
+                "(different timm/torchvision version?)"
+            )
+        planned.append((site, int(entry["channels"]), dict(entry["options"])))
+    inserted = apply_plan(model, planned, recipe.block, recipe.placement, recipe.init)
+    setattr(model, MODEL_MARK, Retrofit(recipe.block, recipe.placement, recipe.init, dict(recipe.options), inserted, input_size))
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its tensors strictly.
+
+    Nothing is downloaded: the architecture comes from timm/torchvision with random init, the
+    recipe's blocks are re-inserted at the recorded sites, then every tensor is loaded.
+
+    Returns: the model, in eval mode, on ``map_location``.
+
+    Raises:
+        RetrofitError: missing, truncated or edited file; a recipe that does not fit the
+            architecture; keys or shapes that do not match.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    recipe, metadata = _open(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise RetrofitError(f"{path} is truncated or damaged: {e}") from None
+    if metadata.get(DIGEST_KEY) != tensors_digest(tensors):
+        raise RetrofitError(f"{path} was modified after it was written (tensor digest mismatch); refusing to load it")
+    model = rebuild(recipe)
+    load_state_dict_strict(model, tensors, f"checkpoint {path.name}")
+    return model.to(map_location).eval()

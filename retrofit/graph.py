@@ -1,0 +1,396 @@
+"""Find residual sites: additions of a residual branch and a shortcut, found with torch.fx.
+
+Each module is traced *shallowly*: its own ``forward`` becomes a graph and every child module
+is a leaf call (so timm's non-traceable layers such as ``Conv2dSame`` or ``BatchNormAct2d`` are
+never traced into, and a child's ``self.training`` control flow stays live). An addition
+(``operator.add``/``iadd``, ``torch.add``, ``Tensor.add``/``add_``) found in a module's own
+graph is a **site** when:
+
+* both operands are 4-D feature maps of the same shape (found by shape propagation on the
+  module's real input during one dummy forward of the whole model, in eval mode, no grad), and
+* the operands share an ancestor inside the module (the unit's input). The operand with the
+  shorter path from that ancestor is the **shortcut** (an identity shortcut is the ancestor
+  itself, no ops); the other is the **residual branch**.
+
+Additions of token tensors (3-D, transformers), of a tensor and a parameter (positional
+embeddings) or of a scalar are not sites.
+
+Discovery never changes the model: tracing runs Python only, the dummy forward runs in eval
+mode under ``no_grad``, and every module's mode, buffers and attributes are restored.
+(The idea of naming nodes by their owning module follows torchvision's
+``feature_extraction.py``; the shallow, per-owner trace is retrofit's own.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import fx, nn
+
+from .errors import RetrofitError
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+#: Trailing modules of a residual branch that the gate goes in front of (stochastic depth,
+#: dropout, identity): timm puts SE before ``drop_path`` too.
+_PASS_THROUGH = ("DropPath", "StochasticDepth", "Identity", "Dropout", "Dropout2d")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One residual addition.
+
+    Attributes:
+        owner: qualified path of the module whose forward performs the addition (``layer1.0``;
+            ``""`` for the root).
+        index: position of this site among the owner's sites (0 for most blocks).
+        add_node: fx node name of the addition in the owner's graph.
+        residual_branch: fx node name of the residual branch's last node (the gate's input in
+            the ``standard`` placement; trailing drop-path/identity modules are skipped).
+        shortcut: fx node name of the shortcut operand.
+        unit_input: fx node name of the operands' common ancestor (the unit's input).
+        projection: whether the shortcut has ops (e.g. ``downsample``) or is the identity.
+        channels: C of the addition, ``(N, C, H, W)``.
+        in_channels: C at the unit's input (what a ``pre`` gate sees).
+        height, width: H×W of the addition, at the model's default input size.
+        stage: stride level, ``round(log2(input_H / H)) - 1``: stride 4 → 1 … 32 → 4
+            (ResNet's ``layer1`` … ``layer4``).
+    """
+
+    owner: str
+    index: int
+    add_node: str
+    residual_branch: str
+    shortcut: str
+    unit_input: str
+    projection: bool
+    channels: int
+    in_channels: int
+    height: int
+    width: int
+    stage: int
+
+
+@dataclass(frozen=True)
+class TraceFailure:
+    """A module whose forward could not be traced (it may hide sites)."""
+
+    owner: str
+    module_type: str
+    reason: str
+
+
+class OwnerTracer(fx.Tracer):
+    """Traces one module's own forward; every child module is a leaf.
+
+    timm's registered non-traceable functions (``timm.layers._fx``) are wrapped as leaf calls.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_timm_notrace_functions())
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _timm_notrace_functions() -> tuple:
+    try:
+        from timm.layers._fx import get_notrace_functions
+    except ImportError:  # timm is a dependency; tolerate very old or new layouts
+        return ()
+    return tuple(get_notrace_functions())
+
+
+def _timm_notrace_modules() -> tuple[type, ...]:
+    try:
+        from timm.layers._fx import get_notrace_modules
+    except ImportError:
+        return ()
+    return tuple(get_notrace_modules())
+
+
+@contextmanager
+def preserved_attributes(module: nn.Module) -> Iterator[None]:
+    """Undo what tracing adds to a module (fx stores tensor constants as ``_tensor_constantN``)."""
+    before = (set(module.__dict__), set(module._buffers), set(module._parameters), set(module._modules))
+    training = module.training
+    try:
+        yield
+    finally:
+        module.training = training
+        for store, keys in zip(
+            (module.__dict__, module._buffers, module._parameters, module._modules), before
+        ):
+            for key in set(store) - keys:
+                del store[key]
+
+
+def trace_owner(module: nn.Module, training: bool | None = None) -> fx.GraphModule:
+    """Shallow fx graph of ``module.forward`` (children are leaves), in the given mode.
+
+    Returns a ``GraphModule`` that shares ``module``'s children and parameters; the tensor
+    constants that fx made while tracing live on the GraphModule only. ``module`` is left
+    exactly as it was. Raises whatever fx raises for untraceable code.
+    """
+    with preserved_attributes(module):
+        before = set(module.__dict__) | set(module._buffers)
+        if training is not None:
+            module.training = training
+        graph = OwnerTracer().trace(module)
+        constants = {k: getattr(module, k) for k in (set(module.__dict__) | set(module._buffers)) - before}
+    root: dict[str, Any] = dict(constants)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in root:
+            root[node.target] = _get_path(module, node.target)
+    return fx.GraphModule(root, graph, class_name=type(module).__name__)
+
+
+def _get_path(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        pass
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        pass
+    else:
+        return False
+    if len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return False
+    alpha = node.kwargs.get("alpha", 1)
+    return alpha == 1 and len(node.args) == 2
+
+
+def _distances(start: fx.Node) -> dict[fx.Node, int]:
+    """Shortest number of edges from each ancestor of ``start`` (itself included) to ``start``."""
+    dist = {start: 0}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for parent in node.all_input_nodes:
+            if parent not in dist:
+                dist[parent] = dist[node] + 1
+                queue.append(parent)
+    return dist
+
+
+def split_operands(add: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(residual_branch, shortcut, unit_input)`` of an addition, or None without a common ancestor.
+
+    The unit input is the nearest common ancestor (smallest summed distance); the shortcut is
+    the operand nearer to it. Ties (two parallel branches of equal length) keep argument order.
+    """
+    a, b = add.args[0], add.args[1]
+    da, db = _distances(a), _distances(b)
+    common = [n for n in da if n in db and n.op != "get_attr"]
+    if not common:
+        return None
+    ancestor = min(common, key=lambda n: (da[n] + db[n], da[n]))
+    if da[ancestor] < db[ancestor]:
+        return b, a, ancestor
+    return a, b, ancestor
+
+
+def branch_gate_input(graph_module: fx.GraphModule, branch: fx.Node) -> fx.Node:
+    """Walk back over trailing drop-path / dropout / identity modules on a residual branch."""
+    node = branch
+    while (
+        node.op == "call_module"
+        and len(node.users) == 1
+        and node.args
+        and isinstance(node.args[0], fx.Node)
+        and type(graph_module.get_submodule(node.target)).__name__ in _PASS_THROUGH
+    ):
+        node = node.args[0]
+    return node
+
+
+def _skip_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    while node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity) and node.args:
+        node = node.args[0]
+    return node
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    notrace = _timm_notrace_modules()
+    for path, module in model.named_modules():
+        cls = type(module)
+        if cls.__module__.startswith("torch.nn") or (notrace and isinstance(module, notrace)):
+            continue
+        yield path, module
+
+
+@contextmanager
+def inspection_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and ``no_grad`` for a look inside; every module's mode and every buffer restored."""
+    modes = {m: m.training for m in model.modules()}
+    buffers = {id(b): (b, b.detach().clone()) for b in model.buffers()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers.values():
+                b.copy_(saved)
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` the model expects: timm's ``pretrained_cfg['input_size']``, else (3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(size) if size else (3, 224, 224)
+
+
+def _capture_inputs(
+    model: nn.Module, owners: dict[str, nn.Module], input_size: tuple[int, int, int]
+) -> tuple[dict[str, tuple], dict[str, int]]:
+    captured: dict[str, tuple] = {}
+    calls: dict[str, int] = {path: 0 for path in owners}
+    handles = []
+    for path, module in owners.items():
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
+            calls[path] += 1
+            captured.setdefault(path, (args, kwargs))
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        try:
+            model(x)
+        except Exception as e:
+            raise RetrofitError(
+                f"a forward pass with input (1, {', '.join(map(str, input_size))}) failed: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; try --input-size"
+            ) from e
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, calls
+
+
+def positional_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
+    """The call's arguments in ``forward``'s parameter order (fx placeholders are positional)."""
+    if not kwargs:
+        return list(args)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a shallow owner graph and records the shape of every tensor node."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, torch.Size] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = out.shape
+        return out
+
+
+def _stage(input_h: int, h: int) -> int:
+    import math
+
+    return max(0, round(math.log2(max(input_h / h, 1))) - 1)
+
+
+def find_sites(
+    model: nn.Module, input_size: tuple[int, int, int] | None = None
+) -> tuple[list[Site], list[TraceFailure]]:
+    """Find every residual site of ``model`` without changing it.
+
+    Args:
+        model: any ``nn.Module`` taking ``(N, C, H, W)`` images.
+        input_size: ``(C, H, W)`` of the dummy input; default :func:`default_input_size`.
+
+    Returns:
+        ``(sites, failures)``: sites in module order; modules whose forward could not be traced.
+
+    Raises:
+        RetrofitError: when the dummy forward pass fails.
+    """
+    input_size = tuple(input_size or default_input_size(model))
+    graphs: dict[str, tuple[fx.GraphModule, list[fx.Node]]] = {}
+    failures: list[TraceFailure] = []
+    owners: dict[str, nn.Module] = {}
+    for path, module in _candidate_modules(model):
+        try:
+            gm = trace_owner(module)
+        except Exception as e:
+            msg = str(e).strip().splitlines()
+            failures.append(TraceFailure(path, type(module).__name__, msg[0] if msg else type(e).__name__))
+            continue
+        adds = [n for n in gm.graph.nodes if _is_add(n)]
+        if adds:
+            graphs[path] = (gm, adds)
+            owners[path] = module
+
+    if not owners:
+        return [], failures
+    sites: list[Site] = []
+    with inspection_mode(model):
+        captured, calls = _capture_inputs(model, owners, input_size)
+        for path, (gm, adds) in graphs.items():
+            if path not in captured:
+                continue  # not on the forward path (e.g. an unused auxiliary head)
+            module = owners[path]
+            if calls[path] > 1:
+                failures.append(TraceFailure(path, type(module).__name__, "module is called more than once per forward"))
+                continue
+            recorder = _ShapeRecorder(gm)
+            try:
+                recorder.run(*positional_inputs(module, *captured[path]))
+            except Exception as e:
+                failures.append(TraceFailure(path, type(module).__name__, f"shape propagation failed: {e}"))
+                continue
+            shapes = recorder.shapes
+            index = 0
+            for add in adds:
+                a, b = add.args[0], add.args[1]
+                sa, sb = shapes.get(a), shapes.get(b)
+                if sa is None or sb is None or len(sa) != 4 or sa != sb or sa[1] < 1:
+                    continue
+                split = split_operands(add)
+                if split is None:
+                    continue
+                branch, shortcut, unit_input = split
+                in_shape = shapes.get(unit_input)
+                gate_in = branch_gate_input(gm, branch)
+                sites.append(
+                    Site(
+                        owner=path,
+                        index=index,
+                        add_node=add.name,
+                        residual_branch=gate_in.name,
+                        shortcut=shortcut.name,
+                        unit_input=unit_input.name,
+                        projection=_skip_identity(gm, shortcut) is not unit_input,
+                        channels=int(sa[1]),
+                        in_channels=int(in_shape[1]) if in_shape is not None and len(in_shape) == 4 else int(sa[1]),
+                        height=int(sa[2]),
+                        width=int(sa[3]),
+                        stage=_stage(input_size[1], int(sa[2])),
+                    )
+                )
+                index += 1
+    return sites, failures

@@ -1,0 +1,243 @@
+"""Resolve a model name and its weights to an ``nn.Module``.
+
+Names:
+
+* a timm name, optionally with a pretrained tag: ``resnet50``, ``resnet50.a1_in1k``;
+* ``torchvision:NAME``: a torchvision classification model, e.g. ``torchvision:resnet50``;
+* ``hf-hub:ORG/NAME``: a timm model on the Hugging Face hub.
+
+Weights: the zoo's pretrained weights (hub cache first, then download), a local file
+(``weights=``), or none (``pretrained=False``). Offline with nothing cached, loading stops with
+one line that names the model and says how to pass a local file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import RetrofitError
+
+TORCHVISION_PREFIX = "torchvision:"
+HF_HUB_PREFIX = "hf-hub:"
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+#: Attribute set on every model :func:`load_model` returns: how to rebuild it (see recipe.py).
+SOURCE_MARK = "_retrofit_source"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a model's architecture: zoo, name and constructor kwargs."""
+
+    name: str
+    zoo: str  # "timm" or "torchvision"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        """The name without prefix, e.g. ``resnet50`` for ``torchvision:resnet50``."""
+        return self.name[len(TORCHVISION_PREFIX):] if self.zoo == "torchvision" else self.name
+
+
+def parse_name(name: str) -> ModelSpec:
+    """Split ``name`` into zoo and architecture; raises :class:`RetrofitError` for unknown names."""
+    if name.startswith(TORCHVISION_PREFIX):
+        from torchvision.models import list_models
+
+        arch = name[len(TORCHVISION_PREFIX):]
+        known = list_models()
+        if arch not in known:
+            raise RetrofitError(_unknown(name, arch, known, TORCHVISION_PREFIX))
+        return ModelSpec(name, "torchvision")
+    if name.startswith(HF_HUB_PREFIX):
+        return ModelSpec(name, "timm")
+    import timm
+
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        raise RetrofitError(_unknown(name, arch, timm.list_models(), ""))
+    return ModelSpec(name, "timm")
+
+
+def _unknown(name: str, arch: str, known: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
+    zoo = "torchvision" if prefix else "timm"
+    return f"unknown model {name!r} (not a {zoo} architecture){hint}"
+
+
+def build(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
+    """Instantiate the architecture; with ``pretrained`` the zoo fetches its weights."""
+    if spec.zoo == "torchvision":
+        from torchvision.models import get_model
+
+        weights = "DEFAULT" if pretrained else None
+        return get_model(spec.arch, weights=weights, **spec.kwargs)
+    import timm
+
+    return timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
+
+
+def _hub_reachable(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(name: str) -> RetrofitError:
+    return RetrofitError(
+        f"could not fetch pretrained weights for {name!r} (offline and not cached); "
+        "pass a local file with --weights FILE, or use --no-pretrained"
+    )
+
+
+def _load_pretrained(spec: ModelSpec) -> nn.Module:
+    """Pretrained model from the zoo: its cache first, a download when the hub is reachable."""
+    if spec.zoo == "torchvision":
+        from torchvision.models import get_model_weights
+
+        url = get_model_weights(spec.arch).DEFAULT.url
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if not cached.exists() and not _hub_reachable("download.pytorch.org"):
+            raise _offline_error(spec.name)
+    elif not _hub_reachable("huggingface.co"):
+        import timm
+
+        if spec.name.startswith(HF_HUB_PREFIX):
+            raise _offline_error(spec.name)
+        cfg = timm.models.get_pretrained_cfg(spec.name) if "." in spec.name else None
+        if cfg is None:
+            model = timm.create_model(spec.name, pretrained=False)
+            cfg = model.pretrained_cfg
+            hub_id = cfg.get("hf_hub_id")
+        else:
+            hub_id = cfg.hf_hub_id
+        cached = _hf_cached_file(hub_id)
+        if cached is None:
+            raise _offline_error(spec.name)
+        return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **spec.kwargs)
+    try:
+        return build(spec, pretrained=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise RetrofitError(
+            f"could not fetch pretrained weights for {spec.name!r} ({type(e).__name__}); "
+            "pass a local file with --weights FILE, or use --no-pretrained"
+        ) from e
+
+
+def _hf_cached_file(hub_id: str | None) -> str | None:
+    if not hub_id:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(hub_id, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file: ``.safetensors``, or ``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``.
+
+    Unwraps a top-level ``state_dict`` or ``model`` key and strips a ``module.`` prefix (DDP).
+    Raises :class:`RetrofitError` when the file is missing, unreadable, or holds no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RetrofitError(f"weights file not found: {path}")
+    if path.suffix not in _WEIGHT_SUFFIXES:
+        raise RetrofitError(f"weights file {path} must end in one of {', '.join(_WEIGHT_SUFFIXES)}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the readers raise many types for a damaged file
+        raise RetrofitError(f"cannot read weights file {path}: {_first_line(e)}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise RetrofitError(f"weights file {path} does not hold a state dict of tensors")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with one readable error on any mismatch.
+
+    The error names up to 5 missing and 5 unexpected keys, or the first shape mismatches.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])}{', …' if len(unexpected) > 5 else ''})"
+            )
+        raise RetrofitError(f"keys of {source} do not match the architecture: {'; '.join(parts)}")
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    if bad:
+        raise RetrofitError(f"shapes of {source} do not match the architecture: {', '.join(bad[:5])}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    name: str,
+    *,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, ModelSpec, str]:
+    """Resolve ``name`` to a model with weights.
+
+    Args:
+        name: timm name (with optional tag), ``torchvision:NAME`` or ``hf-hub:ORG/NAME``.
+        pretrained: fetch the zoo's weights (ignored when ``weights`` is given).
+        weights: a local weights file, loaded strictly (see :func:`read_state_dict`).
+        kwargs: constructor kwargs (e.g. ``num_classes``), recorded in the spec.
+
+    Returns:
+        ``(model, spec, weights_origin)``; the origin is ``"pretrained"``, ``"file:<name>"`` or
+        ``"random"``. The model is in eval mode.
+
+    Raises:
+        RetrofitError: unknown name, offline with nothing cached, bad weights file.
+    """
+    spec = parse_name(name)
+    spec = ModelSpec(spec.name, spec.zoo, dict(kwargs))
+    if weights is not None:
+        state = read_state_dict(weights)
+        model = build(spec)
+        load_state_dict_strict(model, state, f"weights file {Path(weights).name}")
+        origin = f"file:{Path(weights).name}"
+    elif pretrained:
+        model = _load_pretrained(spec)
+        origin = "pretrained"
+    else:
+        model = build(spec)
+        origin = "random"
+    setattr(model, SOURCE_MARK, {"model": spec.name, "zoo": spec.zoo, "kwargs": dict(spec.kwargs), "weights": origin})
+    return model.eval(), spec, origin

@@ -1,0 +1,357 @@
+"""Insert channel-attention blocks at residual sites, rewriting only the modules that own them.
+
+For each owner (e.g. ``layer1.0``), its shallow fx graph (see :mod:`retrofit.graph`) gets one
+``call_module`` node per site, the block is registered as a child of the owner (keys
+``<owner>.<block>.…``, e.g. ``layer1.0.eca.conv.weight``), and the regenerated code is bound as
+that instance's ``forward``. So the model keeps its class and methods (``forward_features``,
+``reset_classifier``, ``pretrained_cfg`` of a timm model), every original state-dict key and
+value, and its train/eval behaviour: children (BatchNorm, dropout, drop-path) are untouched
+leaves, and an owner whose own code branches on ``self.training`` gets both traced graphs,
+chosen at call time.
+
+Placements (SE paper, arXiv 1709.01507, §6.5 "integration strategy", Fig. 5):
+
+* ``standard`` — on the residual branch, just before the addition (before drop-path);
+* ``pre`` — on the unit's input, so branch and shortcut both see the recalibrated map;
+* ``post`` — on the sum, before whatever follows the addition (e.g. the final ReLU);
+* ``identity`` — on the shortcut, after its projection when there is one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from torch import fx, nn
+
+from .blocks import block_class, create_block
+from .errors import RetrofitError
+from .graph import Site, TraceFailure, default_input_size, find_sites, trace_owner
+
+PLACEMENTS = ("standard", "pre", "post", "identity")
+#: Attribute that marks a rewritten owner; holds its :class:`InsertedSite` list.
+OWNER_MARK = "_retrofit_sites"
+#: Attribute on the root model holding the :class:`Retrofit` record of what was done.
+MODEL_MARK = "_retrofit"
+
+
+@dataclass(frozen=True)
+class InsertedSite:
+    """One inserted block: where, what, and how big.
+
+    ``key`` is the state-dict prefix of its parameters (``layer1.0.eca``); ``channels`` is C of
+    the map it gates (the unit's input channels for ``pre``); ``options`` are its resolved
+    constructor kwargs (``kernel_size``, ``rd_channels``/``reduction``, ``groups``).
+    """
+
+    site: Site
+    block: str
+    placement: str
+    attr: str
+    channels: int
+    options: dict[str, Any]
+    params: int
+
+    @property
+    def owner(self) -> str:
+        return self.site.owner
+
+    @property
+    def key(self) -> str:
+        return f"{self.site.owner}.{self.attr}" if self.site.owner else self.attr
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (the recipe's per-site entry)."""
+        s = self.site
+        return {
+            "owner": s.owner,
+            "index": s.index,
+            "attr": self.attr,
+            "channels": self.channels,
+            "site_channels": s.channels,
+            "height": s.height,
+            "width": s.width,
+            "stage": s.stage,
+            "projection": s.projection,
+            "options": dict(self.options),
+            "params": self.params,
+        }
+
+
+@dataclass
+class Retrofit:
+    """What :func:`add_attention` did to a model; stored on it as ``model._retrofit``."""
+
+    block: str
+    placement: str
+    init: str
+    options: dict[str, Any]
+    sites: list[InsertedSite] = field(default_factory=list)
+    input_size: tuple[int, int, int] | None = None
+
+
+def add_attention(
+    model: nn.Module,
+    block: str = "eca",
+    *,
+    placement: str = "standard",
+    reduction: int = 16,
+    kernel_size: int | Sequence[int] | None = None,
+    groups: int | None = None,
+    init: str = "identity",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    stages: Sequence[int] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+) -> tuple[nn.Module, list[InsertedSite]]:
+    """Retrofit channel attention into ``model`` at its residual sites, in place.
+
+    Args:
+        model: a CNN taking ``(N, 3, H, W)``; its class, methods and original state-dict keys
+            are kept.
+        block: ``"se"``, ``"eca"``, ``"se-var1"``, ``"se-var2"``, ``"se-var3"``, ``"se-gc"``
+            (see :data:`retrofit.blocks.BLOCKS`).
+        placement: ``"standard"``, ``"pre"``, ``"post"`` or ``"identity"``.
+        reduction: SE reduction ratio r (hidden width C // r).
+        kernel_size: ECA k: None (adaptive), an odd int, or one odd int per stage with sites.
+        groups: SE-GC group count (default 16).
+        init: ``"identity"`` (outputs unchanged at insertion) or ``"paper"``.
+        include, exclude: owner-path patterns, glob or ``re:REGEX`` (full match). Each pattern
+            must match at least one site.
+        stages: keep sites of these stride stages (stride 4 → 1, …, 32 → 4).
+        input_size: ``(C, H, W)`` of the dummy input used to find shapes.
+
+    Returns:
+        ``(model, sites)``: the same model object, rewritten, and one :class:`InsertedSite` per
+        inserted block.
+
+    Raises:
+        RetrofitError: unknown block/placement/init, option out of range, no residual site,
+            a pattern or stage that selects nothing, an already retrofitted model, or an owner
+            whose forward cannot be rewritten.
+    """
+    cls = block_class(block)
+    if placement not in PLACEMENTS:
+        raise RetrofitError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
+    if init not in ("identity", "paper"):
+        raise RetrofitError(f"unknown init {init!r}; choose one of: identity, paper")
+    if getattr(model, MODEL_MARK, None) is not None:
+        raise RetrofitError("this model already has retrofitted attention; start again from the base model")
+
+    input_size = tuple(input_size or default_input_size(model))
+    all_sites, failures = find_sites(model, input_size)
+    if not all_sites:
+        raise RetrofitError(_no_site_message(model, failures))
+    sites = select_sites(all_sites, include=include, exclude=exclude, stages=stages)
+    kernel_for_stage = _kernel_per_stage(kernel_size, sites)
+
+    planned: list[tuple[Site, int, dict[str, Any]]] = []
+    for site in sites:
+        channels = site.in_channels if placement == "pre" else site.channels
+        options = cls.resolve(
+            channels, reduction=reduction, kernel_size=kernel_for_stage(site.stage), groups=groups
+        )
+        planned.append((site, channels, options))
+    inserted = apply_plan(model, planned, block, placement, init)
+
+    options: dict[str, Any] = {"reduction": reduction, "groups": groups}
+    options["kernel_size"] = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
+    setattr(model, MODEL_MARK, Retrofit(block, placement, init, options, inserted, input_size))
+    return model, inserted
+
+
+def apply_plan(
+    model: nn.Module,
+    planned: list[tuple[Site, int, dict[str, Any]]],
+    block: str,
+    placement: str,
+    init: str,
+) -> list[InsertedSite]:
+    """Build one block per ``(site, channels, options)`` and rewrite the owners.
+
+    Every block is built before the model is touched, so an invalid option leaves it unchanged.
+    """
+    blocks = [create_block(block, channels, init=init, **options) for _, channels, options in planned]
+    param = next(model.parameters(), None)
+    if param is not None:
+        blocks = [b.to(param.device, param.dtype if param.is_floating_point() else None) for b in blocks]
+    inserted: list[InsertedSite] = []
+    by_owner: dict[str, list[int]] = {}
+    for i, (site, _, _) in enumerate(planned):
+        by_owner.setdefault(site.owner, []).append(i)
+    for owner_path, indices in by_owner.items():
+        owner = model.get_submodule(owner_path)
+        attrs = _free_names(owner, block.replace("-", "_"), len(indices))
+        rewrite_owner(owner, [(planned[i][0], attrs[j], blocks[i]) for j, i in enumerate(indices)], placement)
+        mine = []
+        for j, i in enumerate(indices):
+            site, channels, options = planned[i]
+            params = sum(p.numel() for p in blocks[i].parameters())
+            mine.append(InsertedSite(site, block, placement, attrs[j], channels, options, params))
+        setattr(owner, OWNER_MARK, mine)
+        inserted.extend(mine)
+    order = {(s.owner, s.index): k for k, (s, _, _) in enumerate(planned)}
+    return sorted(inserted, key=lambda s: order[(s.site.owner, s.site.index)])
+
+
+def _no_site_message(model: nn.Module, failures: list[TraceFailure]) -> str:
+    name = type(model).__name__
+    if failures:
+        shown = "; ".join(f"{f.owner or '<root>'} ({f.module_type}): {f.reason}" for f in failures[:2])
+        return f"no residual site found in {name}; these modules could not be traced: {shown}"
+    return f"no residual site found in {name}: it has no addition of a residual branch and a shortcut"
+
+
+def _matches(pattern: str, owner: str) -> bool:
+    if pattern.startswith("re:"):
+        try:
+            return re.fullmatch(pattern[3:], owner) is not None
+        except re.error as e:
+            raise RetrofitError(f"bad regular expression {pattern!r}: {e}") from None
+    return fnmatch.fnmatchcase(owner, pattern)
+
+
+def select_sites(
+    sites: list[Site],
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    stages: Sequence[int] | None = None,
+) -> list[Site]:
+    """Filter sites by owner patterns and stages; a pattern or stage that selects nothing is an error."""
+    for kind, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(_matches(pattern, s.owner) for s in sites):
+                raise RetrofitError(
+                    f"--{kind} {pattern!r} matches no site; sites are e.g. {', '.join(s.owner for s in sites[:3])}"
+                    " (list them with `retrofit sites MODEL`)"
+                )
+    chosen = [s for s in sites if not include or any(_matches(p, s.owner) for p in include)]
+    chosen = [s for s in chosen if not any(_matches(p, s.owner) for p in exclude or ())]
+    if stages:
+        present = sorted({s.stage for s in sites})
+        for stage in stages:
+            if stage not in present:
+                raise RetrofitError(f"stage {stage} has no site; stages with sites: {', '.join(map(str, present))}")
+        chosen = [s for s in chosen if s.stage in set(stages)]
+    if not chosen:
+        raise RetrofitError("the selection (--include/--exclude/--stages) leaves no site")
+    return chosen
+
+
+def _kernel_per_stage(kernel_size: int | Sequence[int] | None, sites: list[Site]) -> Callable[[int], int | None]:
+    if not isinstance(kernel_size, (list, tuple)):
+        return lambda stage: kernel_size
+    stages = sorted({s.stage for s in sites})
+    if len(kernel_size) != len(stages):
+        raise RetrofitError(
+            f"{len(kernel_size)} kernel sizes given for {len(stages)} stages with sites "
+            f"(stages {', '.join(map(str, stages))}); give one per stage"
+        )
+    table = dict(zip(stages, kernel_size))
+    return lambda stage: table[stage]
+
+
+def _free_names(owner: nn.Module, base: str, count: int) -> list[str]:
+    """Child names for new blocks: ``eca``, ``eca_1``, … (a ``None`` placeholder such as timm's
+    ``self.se = None`` is taken over, so timm ``seresnet`` weights load under the same keys)."""
+    names: list[str] = []
+    i = 0
+    while len(names) < count:
+        name = base if i == 0 else f"{base}_{i}"
+        i += 1
+        taken = name in owner._modules and owner._modules[name] is not None
+        taken = taken or (name not in owner._modules and getattr(owner, name, None) is not None)
+        taken = taken or name in owner._parameters or name in owner._buffers
+        if not taken:
+            names.append(name)
+    return names
+
+
+def _node(gm: fx.GraphModule, name: str, owner: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise RetrofitError(
+        f"cannot rewrite {owner or '<root>'}: its forward takes a different path in train and eval mode"
+    )
+
+
+def _insert(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_path: str) -> None:
+    graph = gm.graph
+    add = _node(gm, site.add_node, owner_path)
+    if placement == "standard":
+        branch = _node(gm, site.residual_branch, owner_path)
+        consumer = add
+        while branch not in consumer.args:  # the gate goes before trailing drop-path / identity
+            consumer = next(a for a in consumer.args if isinstance(a, fx.Node) and a.op == "call_module")
+        with graph.inserting_after(branch):
+            gate = graph.call_module(attr, (branch,))
+        consumer.replace_input_with(branch, gate)
+    elif placement == "identity":
+        shortcut = _node(gm, site.shortcut, owner_path)
+        with graph.inserting_before(add):
+            gate = graph.call_module(attr, (shortcut,))
+        add.replace_input_with(shortcut, gate)
+    elif placement == "post":
+        with graph.inserting_after(add):
+            gate = graph.call_module(attr, (add,))
+        add.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
+    else:  # pre
+        unit_input = _node(gm, site.unit_input, owner_path)
+        anchor = unit_input
+        if unit_input.op == "placeholder":
+            anchor = next(n for n in graph.nodes if n.op != "placeholder")
+            ctx = graph.inserting_before(anchor)
+        else:
+            ctx = graph.inserting_after(anchor)
+        with ctx:
+            gate = graph.call_module(attr, (unit_input,))
+        unit_input.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
+
+
+def rewrite_owner(owner: nn.Module, plan: list[tuple[Site, str, nn.Module]], placement: str, path: str = "") -> None:
+    """Insert ``plan``'s blocks into ``owner``'s forward and register them as its children.
+
+    ``plan`` holds ``(site, attr, block)`` per site of this owner. The owner's class is kept;
+    its ``forward`` becomes the regenerated graph code (one per mode when train and eval
+    graphs differ). Raises :class:`RetrofitError` when the owner cannot be re-traced.
+    """
+    owner_path = plan[0][0].owner if plan else path
+    try:
+        modes = {mode: trace_owner(owner, training=mode) for mode in (True, False)}
+    except Exception as e:
+        raise RetrofitError(f"cannot re-trace {owner_path or '<root>'}: {str(e).splitlines()[0]}") from e
+    for gm in modes.values():
+        for site, attr, block in plan:
+            gm.add_submodule(attr, block)
+            _insert(gm, site, attr, placement, owner_path)
+        gm.graph.lint()
+        gm.recompile()
+    for site, attr, block in plan:
+        if attr in owner.__dict__:  # a `None` placeholder attribute (timm's `self.se = None`)
+            del owner.__dict__[attr]
+        owner.add_module(attr, block)
+    for gm in modes.values():
+        for name, value in gm.__dict__.get("_buffers", {}).items():
+            if name.startswith("_tensor_constant") and not hasattr(owner, name):
+                owner.register_buffer(name, value, persistent=False)
+        for name, value in gm.__dict__.items():
+            if name.startswith("_tensor_constant") and not hasattr(owner, name):
+                owner.register_buffer(name, value, persistent=False)
+    train_fn, eval_fn = type(modes[True]).forward, type(modes[False]).forward
+    if modes[True].code == modes[False].code:
+        forward = eval_fn
+    else:
+        forward = _dispatch_on_mode(train_fn, eval_fn)
+    owner.forward = types.MethodType(forward, owner)
+
+
+def _dispatch_on_mode(train_fn: Callable, eval_fn: Callable) -> Callable:
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
+
+    return forward
