@@ -1,31 +1,49 @@
 """retrofit: add SE or ECA channel attention to a pretrained CNN, fine-tune it, save safetensors.
 
-Public API::
+Public API (imported lazily, so ``retrofit --help`` does not import torch)::
 
     from retrofit import load_model, add_attention, save_checkpoint, load_checkpoint
+
+    model, spec, origin = load_model("resnet50")          # timm / torchvision: / hf-hub:
+    model, sites = add_attention(model, "eca")             # identity init: outputs unchanged
+    save_checkpoint(model, "resnet50-eca.safetensors")     # tensors + JSON recipe
+    model = load_checkpoint("resnet50-eca.safetensors")    # rebuilt without downloads
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .blocks import BLOCKS, create_block, eca_kernel_size  # noqa: E402
-from .checkpoint import load_checkpoint, read_recipe, save_checkpoint  # noqa: E402
-from .errors import RetrofitError  # noqa: E402
-from .graph import Site, find_sites  # noqa: E402
-from .models import load_model  # noqa: E402
-from .surgery import PLACEMENTS, InsertedSite, add_attention  # noqa: E402
+_EXPORTS = {
+    "BLOCKS": "blocks",
+    "create_block": "blocks",
+    "eca_kernel_size": "blocks",
+    "load_checkpoint": "checkpoint",
+    "read_recipe": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "RetrofitError": "errors",
+    "Site": "graph",
+    "find_sites": "graph",
+    "load_model": "models",
+    "PLACEMENTS": "surgery",
+    "InsertedSite": "surgery",
+    "add_attention": "surgery",
+}
 
-__all__ = [
-    "BLOCKS",
-    "PLACEMENTS",
-    "InsertedSite",
-    "RetrofitError",
-    "Site",
-    "add_attention",
-    "create_block",
-    "eca_kernel_size",
-    "find_sites",
-    "load_checkpoint",
-    "load_model",
-    "read_recipe",
-    "save_checkpoint",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retrofit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -172,3 +172,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model = rebuild(recipe)
     load_state_dict_strict(model, tensors, f"checkpoint {path.name}")
     return model.to(map_location).eval()
+
+
+def is_checkpoint(target: str | os.PathLike) -> bool:
+    """Whether ``target`` names a ``.safetensors`` file (a checkpoint) rather than a model."""
+    return str(target).endswith(".safetensors")
+
+
+def load_target(
+    target: str | os.PathLike,
+    *,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """A retrofit checkpoint (``*.safetensors``) or a model name (see :func:`retrofit.load_model`)."""
+    if is_checkpoint(target):
+        if weights is not None:
+            raise RetrofitError("--weights applies to a model name, not to a checkpoint")
+        return load_checkpoint(target, map_location)
+    from .models import load_model
+
+    model, _, _ = load_model(str(target), pretrained=pretrained, weights=weights)
+    return model.to(map_location)

@@ -144,7 +144,7 @@ def add_attention(
     input_size = tuple(input_size or default_input_size(model))
     all_sites, failures = find_sites(model, input_size)
     if not all_sites:
-        raise RetrofitError(_no_site_message(model, failures))
+        raise RetrofitError(no_site_message(model, failures))
     sites = select_sites(all_sites, include=include, exclude=exclude, stages=stages)
     kernel_for_stage = _kernel_per_stage(kernel_size, sites)
 
@@ -197,7 +197,7 @@ def apply_plan(
     return sorted(inserted, key=lambda s: order[(s.site.owner, s.site.index)])
 
 
-def _no_site_message(model: nn.Module, failures: list[TraceFailure]) -> str:
+def no_site_message(model: nn.Module, failures: list[TraceFailure]) -> str:
     name = type(model).__name__
     if failures:
         shown = "; ".join(f"{f.owner or '<root>'} ({f.module_type}): {f.reason}" for f in failures[:2])

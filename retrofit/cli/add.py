@@ -1,0 +1,269 @@
+"""``retrofit add BLOCK MODEL``, its short forms ``add-se`` / ``add-eca``, and ``retrofit sites MODEL``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .app import app, fail, handle_errors, parse_ints
+
+ModelArg = Annotated[str, typer.Argument(help="timm name (resnet50, resnet50.a1_in1k), torchvision:NAME or hf-hub:ORG/NAME.")]
+WeightsOpt = Annotated[
+    Optional[Path],
+    typer.Option("--weights", help="Local weights: .safetensors, or .pth/.pt/.bin (read with weights_only=True)."),
+]
+NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random init: architecture-only work.")]
+PlacementOpt = Annotated[
+    str, typer.Option("--placement", help="standard (residual branch, before the addition), pre, post or identity (shortcut).")
+]
+InitOpt = Annotated[
+    str, typer.Option("--init", help="identity: gate = 2·sigmoid, last layer zeroed, outputs unchanged; paper: the papers' form.")
+]
+ReductionOpt = Annotated[int, typer.Option("--reduction", "-r", help="SE reduction ratio r (hidden width C // r).")]
+KernelOpt = Annotated[
+    Optional[str],
+    typer.Option("--kernel-size", "-k", help="ECA kernel size: odd K, or one per stage (3,5,5,7). Default: adaptive rule."),
+]
+GroupsOpt = Annotated[Optional[int], typer.Option("--groups", help="se-gc group count (default 16).")]
+IncludeOpt = Annotated[
+    Optional[list[str]], typer.Option("--include", help="Only sites whose owner matches (glob, or re:REGEX). Repeatable.")
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]], typer.Option("--exclude", help="Skip sites whose owner matches (glob, or re:REGEX). Repeatable.")
+]
+StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Only these stride stages, e.g. 3,4 (stride 4 → 1 … 32 → 4).")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint path. Default: <model>-<block>.safetensors.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of the probe input (default: the model's).")]
+
+
+def default_output(model: str, block: str) -> Path:
+    """``<model>-<block>.safetensors`` with ``:`` and ``/`` made file-safe."""
+    return Path(f"{re.sub(r'[:/]+', '-', model)}-{block}.safetensors")
+
+
+def run_add(
+    block: str,
+    model: str,
+    *,
+    weights: Optional[Path],
+    no_pretrained: bool,
+    placement: str,
+    init: str,
+    reduction: int = 16,
+    kernel_size: Optional[str] = None,
+    groups: Optional[int] = None,
+    include: Optional[list[str]] = None,
+    exclude: Optional[list[str]] = None,
+    stages: Optional[str] = None,
+    output: Optional[Path],
+    overwrite: bool,
+    as_json: bool,
+    input_size: Optional[str] = None,
+) -> None:
+    from ..blocks import block_class
+
+    block_class(block)  # an unknown block fails before any loading
+    output = output or default_output(model, block)
+    if output.exists() and not overwrite:
+        fail(f"{output} exists; pass --overwrite to replace it, or -o another path")
+    if output.suffix != ".safetensors":
+        fail(f"output {output} must end in .safetensors")
+    if weights is not None and no_pretrained:
+        fail("--weights and --no-pretrained exclude each other")
+    kernels = parse_ints(kernel_size, "--kernel-size")
+    stage_list = parse_ints(stages, "--stages")
+    size = parse_ints(input_size, "--input-size")
+    if size is not None and len(size) != 3:
+        fail("--input-size takes C,H,W, e.g. 3,224,224")
+
+    from ..checkpoint import save_checkpoint
+    from ..models import load_model
+    from ..surgery import add_attention
+
+    net, _, origin = load_model(model, pretrained=not no_pretrained, weights=weights)
+    before = sum(p.numel() for p in net.parameters())
+    net, sites = add_attention(
+        net,
+        block,
+        placement=placement,
+        reduction=reduction,
+        kernel_size=kernels if kernels is None or len(kernels) > 1 else kernels[0],
+        groups=groups,
+        init=init,
+        include=include,
+        exclude=exclude,
+        stages=stage_list,
+        input_size=tuple(size) if size else None,
+    )
+    after = sum(p.numel() for p in net.parameters())
+    save_checkpoint(net, output, overwrite=overwrite)
+    report = {
+        "model": model,
+        "weights": origin,
+        "block": block,
+        "placement": placement,
+        "init": init,
+        "sites": [_site_row(s) for s in sites],
+        "params_before": before,
+        "params_after": after,
+        "output": str(output),
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_add(report)
+
+
+def _site_row(s: Any) -> dict[str, Any]:
+    from ..blocks import block_class
+
+    return {
+        "owner": s.owner,
+        "key": s.key,
+        "channels": s.channels,
+        "height": s.site.height,
+        "width": s.site.width,
+        "stage": s.site.stage,
+        "shortcut": "projection" if s.site.projection else "identity",
+        "block": s.block,
+        "options": s.options,
+        "setting": block_class(s.block).describe(s.options),
+        "params": s.params,
+    }
+
+
+def _print_add(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['block']} at {len(report['sites'])} sites of {report['model']} ({report['placement']})")
+    for col, just in (("owner", "left"), ("C", "right"), ("H×W", "right"), ("stage", "right"), ("block", "left"),
+                      ("k / r", "left"), ("params added", "right")):
+        table.add_column(col, justify=just)
+    for r in report["sites"]:
+        table.add_row(r["owner"], str(r["channels"]), f"{r['height']}×{r['width']}", str(r["stage"]), r["block"],
+                      r["setting"], f"{r['params']:,}")
+    console = Console()
+    console.print(table)
+    b, a = report["params_before"], report["params_after"]
+    console.print(f"parameters {b:,} → {a:,} (+{a - b:,}, +{100 * (a - b) / b:.3f}%) · weights: {report['weights']} · "
+                  f"init: {report['init']}")
+    console.print(f"wrote {report['output']}")
+
+
+@app.command("add")
+@handle_errors
+def add(
+    block: Annotated[str, typer.Argument(help="se, eca, se-var1, se-var2, se-var3 or se-gc.")],
+    model: ModelArg,
+    weights: WeightsOpt = None,
+    no_pretrained: NoPretrainedOpt = False,
+    placement: PlacementOpt = "standard",
+    init: InitOpt = "identity",
+    reduction: ReductionOpt = 16,
+    kernel_size: KernelOpt = None,
+    groups: GroupsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    stages: StagesOpt = None,
+    output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    input_size: InputSizeOpt = None,
+) -> None:
+    """Insert a channel-attention BLOCK at the residual sites of MODEL and save a checkpoint."""
+    run_add(block, model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
+            reduction=reduction, kernel_size=kernel_size, groups=groups, include=include, exclude=exclude,
+            stages=stages, output=output, overwrite=overwrite, as_json=as_json, input_size=input_size)
+
+
+@app.command("add-se")
+@handle_errors
+def add_se(
+    model: ModelArg,
+    reduction: ReductionOpt = 16,
+    weights: WeightsOpt = None,
+    no_pretrained: NoPretrainedOpt = False,
+    placement: PlacementOpt = "standard",
+    init: InitOpt = "identity",
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    stages: StagesOpt = None,
+    output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    input_size: InputSizeOpt = None,
+) -> None:
+    """Insert Squeeze-and-Excitation (Hu et al., arXiv 1709.01507) at the residual sites of MODEL."""
+    run_add("se", model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
+            reduction=reduction, include=include, exclude=exclude, stages=stages, output=output,
+            overwrite=overwrite, as_json=as_json, input_size=input_size)
+
+
+@app.command("add-eca")
+@handle_errors
+def add_eca(
+    model: ModelArg,
+    kernel_size: KernelOpt = None,
+    weights: WeightsOpt = None,
+    no_pretrained: NoPretrainedOpt = False,
+    placement: PlacementOpt = "standard",
+    init: InitOpt = "identity",
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    stages: StagesOpt = None,
+    output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    input_size: InputSizeOpt = None,
+) -> None:
+    """Insert Efficient Channel Attention (Wang et al., arXiv 1910.03151) at the residual sites of MODEL."""
+    run_add("eca", model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
+            kernel_size=kernel_size, include=include, exclude=exclude, stages=stages, output=output,
+            overwrite=overwrite, as_json=as_json, input_size=input_size)
+
+
+@app.command("sites")
+@handle_errors
+def sites(
+    model: ModelArg,
+    as_json: JsonOpt = False,
+    input_size: InputSizeOpt = None,
+) -> None:
+    """List the residual sites of MODEL (owner, C, H×W, stage) without changing anything."""
+    size = parse_ints(input_size, "--input-size")
+    from ..errors import RetrofitError
+    from ..graph import find_sites
+    from ..models import load_model
+
+    net, _, _ = load_model(model, pretrained=False)
+    found, failures = find_sites(net, tuple(size) if size else None)
+    if not found:
+        from ..surgery import no_site_message
+
+        raise RetrofitError(no_site_message(net, failures))
+    rows = [
+        {"owner": s.owner, "index": s.index, "channels": s.channels, "in_channels": s.in_channels,
+         "height": s.height, "width": s.width, "stage": s.stage,
+         "shortcut": "projection" if s.projection else "identity"}
+        for s in found
+    ]
+    if as_json:
+        typer.echo(json.dumps({"model": model, "sites": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} residual sites of {model}")
+    for col in ("owner", "C", "C in", "H×W", "stage", "shortcut"):
+        table.add_column(col, justify="left" if col in ("owner", "shortcut") else "right")
+    for r in rows:
+        table.add_row(r["owner"], str(r["channels"]), str(r["in_channels"]), f"{r['height']}×{r['width']}",
+                      str(r["stage"]), r["shortcut"])
+    Console().print(table)

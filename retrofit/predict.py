@@ -1,0 +1,67 @@
+"""Top-k predictions on image files, with the model's own timm preprocessing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RetrofitError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k classes of one image: ``classes[i]`` with probability ``probs[i]`` (softmax), best first."""
+
+    image: str
+    classes: list[int]
+    probs: list[float]
+    logits: torch.Tensor  # (num_classes,)
+
+
+def eval_transform(model: nn.Module):
+    """timm's eval transform from the model's data config (size, interpolation, mean/std).
+
+    The whole photo is resized to the input size (timm ``crop_mode="squash"``, no crop), so an
+    object that fills the frame stays in it.
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    config.update(crop_pct=1.0, crop_mode="squash")
+    return create_transform(**config)
+
+
+def predict(model: nn.Module, images: list[str | os.PathLike], top: int = 5) -> list[Prediction]:
+    """Run ``model`` (eval mode, no grad) on image files; returns the top-``top`` classes of each.
+
+    Raises :class:`RetrofitError` for a missing or unreadable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    transform = eval_transform(model)
+    batch = []
+    for path in images:
+        try:
+            with Image.open(path) as im:
+                batch.append(transform(im.convert("RGB")))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            raise RetrofitError(f"cannot read image {path}: {e}") from None
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.stack(batch).to(param.device, param.dtype)).float().cpu()
+    finally:
+        model.train(was_training)
+    probs = logits.softmax(-1)
+    k = min(top, logits.shape[-1])
+    out = []
+    for path, lg, pr in zip(images, logits, probs):
+        values, idx = pr.topk(k)
+        out.append(Prediction(str(path), idx.tolist(), values.tolist(), lg))
+    return out
