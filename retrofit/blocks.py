@@ -87,7 +87,8 @@ class SqueezeExcite(ChannelGate):
     """Squeeze-and-Excitation (Hu et al., arXiv 1709.01507, §3): FC C→C/r, ReLU, FC C/r→C, sigmoid.
 
     The FCs are 1×1 convolutions with bias, as in timm's ``SEModule`` (same keys and shapes).
-    Parameters added: ``2·C·rd + rd + C`` with ``rd = max(1, C // r)``.
+    Parameters added: ``2·C·rd + rd + C`` with ``rd = max(1, C // r)`` (a site narrower than r
+    gets a hidden width of 1).
 
     Args:
         channels: C, channels of the feature map it gates.
@@ -110,10 +111,8 @@ class SqueezeExcite(ChannelGate):
 
     @classmethod
     def resolve(cls, channels: int, *, reduction: int = 16, **_: Any) -> dict[str, Any]:
-        if not isinstance(reduction, int) or reduction < 1 or reduction > channels:
-            raise RetrofitError(
-                f"reduction ratio must be an integer from 1 to C; got {reduction} for a site with C={channels}"
-            )
+        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
+            raise RetrofitError(f"SE reduction ratio must be a positive integer, got {reduction}")
         return {"rd_channels": max(1, channels // reduction), "reduction": reduction}
 
     @staticmethod
