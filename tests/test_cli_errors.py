@@ -1,0 +1,136 @@
+"""Bad input: one line on stderr, non-zero exit, no traceback, nothing written or overwritten."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from retrofit.cli import app
+
+
+def run(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_unknown_model_suggests_close_names(tmp_path):
+    result = run("add-eca", "resnet51", "--no-pretrained", "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "unknown model 'resnet51'", "did you mean", "resnet50")
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_torchvision_model(tmp_path):
+    result = run("add-se", "torchvision:resnet5O", "--no-pretrained", "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "torchvision:resnet50")
+
+
+@pytest.mark.parametrize("name", ["vgg11", "torchvision:densenet121"])
+def test_model_without_residual_sites(name, tmp_path):
+    result = run("add-eca", name, "--no-pretrained", "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "no residual site")
+    assert not any(tmp_path.iterdir())
+
+
+def test_transformer_token_additions_are_not_sites(tmp_path):
+    result = run("add-eca", "vit_tiny_patch16_224", "--no-pretrained", "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "no residual site")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["add-eca", "resnet18", "--kernel-size", "4"], "positive odd integer"),
+        (["add-eca", "resnet18", "--kernel-size", "-3"], "positive odd integer"),
+        (["add-eca", "resnet18", "--kernel-size", "a,b"], "integers separated by commas"),
+        (["add-se", "resnet18", "--reduction", "0"], "positive integer"),
+        (["add", "cbam", "resnet18"], "unknown block 'cbam'"),
+        (["add-eca", "resnet18", "--placement", "middle"], "unknown placement"),
+        (["add-eca", "resnet18", "--init", "zeros"], "unknown init"),
+    ],
+)
+def test_options_out_of_range(args, fragment, tmp_path):
+    result = run(*args, "--no-pretrained", "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, fragment)
+    assert not any(tmp_path.iterdir())
+
+
+def test_output_exists_is_not_overwritten(tmp_path):
+    out = tmp_path / "keep.safetensors"
+    out.write_bytes(b"precious")
+    result = run("add-eca", "resnet18", "--no-pretrained", "-o", str(out))
+    assert_one_line_error(result, "exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    assert run("add-eca", "resnet18", "--no-pretrained", "-o", str(out), "--overwrite").exit_code == 0
+    assert out.read_bytes() != b"precious"
+
+
+def test_unreadable_weights_file(tmp_path):
+    bad = tmp_path / "w.pth"
+    bad.write_bytes(b"not a checkpoint")
+    result = run("add-eca", "resnet18", "--weights", str(bad), "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "cannot read weights file")
+
+
+def test_missing_weights_file(tmp_path):
+    result = run("add-eca", "resnet18", "--weights", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "weights file not found")
+
+
+def test_mismatched_weights_name_missing_and_unexpected_keys(tmp_path):
+    import timm
+
+    state = timm.create_model("resnet18").state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["fc.bias"]
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)  # wrappers are unwrapped
+    result = run("add-eca", "resnet18", "--weights", str(path), "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "1 missing (fc.bias)", "1 unexpected (extra.weight)")
+
+
+def test_wrapped_weights_load(tmp_path):
+    import timm
+
+    state = timm.create_model("resnet18").state_dict()
+    path = tmp_path / "w.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)
+    out = tmp_path / "x.safetensors"
+    result = run("add-eca", "resnet18", "--weights", str(path), "-o", str(out))
+    assert result.exit_code == 0, result.output
+
+
+def test_offline_pretrained_says_how_to_pass_a_file(tmp_path, monkeypatch):
+    import retrofit.models as models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda host: False)
+    monkeypatch.setattr(models, "_hf_cached_file", lambda hub_id: None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # nothing cached
+    result = run("add-eca", "resnet18", "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "'resnet18'", "--weights FILE", "--no-pretrained")
+    result = run("add-eca", "torchvision:resnet18", "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "'torchvision:resnet18'", "--weights FILE")
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["--debug", "add-eca", "resnet51", "--no-pretrained"])
+    assert result.exit_code != 0
+    assert result.exception is not None and "resnet51" in str(result.exception)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from retrofit.cli import app; import retrofit; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run(["retrofit", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "add-eca" in out and "add-se" in out
