@@ -128,9 +128,17 @@ def rebuild(recipe: Recipe) -> nn.Module:
     source = recipe.source
     model = build(ModelSpec(source["model"], source["zoo"], dict(source.get("kwargs") or {})))
     setattr(model, SOURCE_MARK, dict(source))
+    input_size = tuple(recipe.input_size) if recipe.input_size else None
+    if recipe.replaced:
+        from .replace import replace_existing_se
+
+        planned_swaps = [(r["path"], int(r["channels"]), dict(r["options"])) for r in recipe.replaced]
+        replaced = replace_existing_se(model, recipe.block, init=recipe.init, planned=planned_swaps)
+        record = Retrofit(recipe.block, recipe.placement, recipe.init, dict(recipe.options), [], input_size, replaced)
+        setattr(model, MODEL_MARK, record)
+        return model.eval()
     if not recipe.sites:
         return model.eval()
-    input_size = tuple(recipe.input_size) if recipe.input_size else None
     sites, _ = find_sites(model, input_size)
     by_key = {(s.owner, s.index): s for s in sites}
     planned = []

@@ -32,6 +32,7 @@ class Recipe:
         sites: per-site records (see ``InsertedSite.to_dict``).
         versions: retrofit, torch, torchvision, timm versions that wrote it.
         extra: free-form additions (e.g. fine-tuning settings).
+        replaced: existing SE modules swapped by ``--replace-existing`` (path, was, C, options).
     """
 
     source: dict[str, Any]
@@ -43,6 +44,7 @@ class Recipe:
     sites: list[dict[str, Any]]
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    replaced: list[dict[str, Any]] = field(default_factory=list)
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -103,4 +105,5 @@ def recipe_of(model: nn.Module, extra: dict[str, Any] | None = None) -> Recipe:
         sites=[s.to_dict() for s in record.sites],
         versions=versions(),
         extra=dict(extra or {}),
+        replaced=[r.to_dict() for r in record.replaced],
     )

@@ -91,6 +91,7 @@ class Retrofit:
     options: dict[str, Any]
     sites: list[InsertedSite] = field(default_factory=list)
     input_size: tuple[int, int, int] | None = None
+    replaced: list[Any] = field(default_factory=list)  # retrofit.replace.Replacement
 
 
 def add_attention(
@@ -105,6 +106,7 @@ def add_attention(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     stages: Sequence[int] | None = None,
+    replace_existing: bool = False,
     input_size: tuple[int, int, int] | None = None,
 ) -> tuple[nn.Module, list[InsertedSite]]:
     """Retrofit channel attention into ``model`` at its residual sites, in place.
@@ -122,6 +124,9 @@ def add_attention(
         include, exclude: owner-path patterns, glob or ``re:REGEX`` (full match). Each pattern
             must match at least one site.
         stages: keep sites of these stride stages (stride 4 → 1, …, 32 → 4).
+        replace_existing: instead of inserting at residual sites, swap the model's existing SE
+            modules for ``block`` (see :mod:`retrofit.replace`); the second return value is
+            then a list of :class:`retrofit.replace.Replacement`.
         input_size: ``(C, H, W)`` of the dummy input used to find shapes.
 
     Returns:
@@ -142,6 +147,18 @@ def add_attention(
         raise RetrofitError("this model already has retrofitted attention; start again from the base model")
 
     input_size = tuple(input_size or default_input_size(model))
+    options: dict[str, Any] = {"reduction": reduction, "groups": groups}
+    options["kernel_size"] = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
+    if replace_existing:
+        if include or exclude or stages:
+            raise RetrofitError("--replace-existing swaps every SE module; it takes no --include/--exclude/--stages")
+        from .replace import replace_existing_se
+
+        replaced = replace_existing_se(
+            model, block, init=init, reduction=reduction, kernel_size=kernel_size, groups=groups
+        )
+        setattr(model, MODEL_MARK, Retrofit(block, placement, init, options, [], input_size, replaced))
+        return model, replaced
     all_sites, failures = find_sites(model, input_size)
     if not all_sites:
         raise RetrofitError(no_site_message(model, failures))
@@ -156,9 +173,6 @@ def add_attention(
         )
         planned.append((site, channels, options))
     inserted = apply_plan(model, planned, block, placement, init)
-
-    options: dict[str, Any] = {"reduction": reduction, "groups": groups}
-    options["kernel_size"] = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
     setattr(model, MODEL_MARK, Retrofit(block, placement, init, options, inserted, input_size))
     return model, inserted
 

@@ -39,6 +39,9 @@ StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Only these s
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint path. Default: <model>-<block>.safetensors.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ReplaceOpt = Annotated[
+    bool, typer.Option("--replace-existing", help="Swap the model's existing SE modules for this block instead of adding new ones.")
+]
 InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of the probe input (default: the model's).")]
 
 
@@ -65,6 +68,7 @@ def run_add(
     overwrite: bool,
     as_json: bool,
     input_size: Optional[str] = None,
+    replace_existing: bool = False,
 ) -> None:
     from ..blocks import block_class
 
@@ -99,6 +103,7 @@ def run_add(
         include=include,
         exclude=exclude,
         stages=stage_list,
+        replace_existing=replace_existing,
         input_size=tuple(size) if size else None,
     )
     after = sum(p.numel() for p in net.parameters())
@@ -109,7 +114,8 @@ def run_add(
         "block": block,
         "placement": placement,
         "init": init,
-        "sites": [_site_row(s) for s in sites],
+        "sites": [] if replace_existing else [_site_row(s) for s in sites],
+        "replaced": [_replaced_row(r, block) for r in sites] if replace_existing else [],
         "params_before": before,
         "params_after": after,
         "output": str(output),
@@ -138,9 +144,21 @@ def _site_row(s: Any) -> dict[str, Any]:
     }
 
 
+def _replaced_row(r: Any, block: str) -> dict[str, Any]:
+    from ..blocks import block_class
+
+    row = r.to_dict()
+    row["setting"] = block_class(block).describe(r.options)
+    return row
+
+
 def _print_add(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    if report["replaced"]:
+        _print_replaced(report)
+        return
 
     table = Table(title=f"{report['block']} at {len(report['sites'])} sites of {report['model']} ({report['placement']})")
     for col, just in (("owner", "left"), ("C", "right"), ("H×W", "right"), ("stage", "right"), ("block", "left"),
@@ -154,6 +172,24 @@ def _print_add(report: dict[str, Any]) -> None:
     b, a = report["params_before"], report["params_after"]
     console.print(f"parameters {b:,} → {a:,} (+{a - b:,}, +{100 * (a - b) / b:.3f}%) · weights: {report['weights']} · "
                   f"init: {report['init']}")
+    console.print(f"wrote {report['output']}")
+
+
+def _print_replaced(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = report["replaced"]
+    table = Table(title=f"replaced {len(rows)} SE modules of {report['model']} with {report['block']}")
+    for col, just in (("module", "left"), ("was", "left"), ("C", "right"), ("now", "left"), ("params", "right")):
+        table.add_column(col, justify=just)
+    for r in rows:
+        table.add_row(r["path"], r["was"], str(r["channels"]), f"{report['block']} {r['setting']}",
+                      f"{r['params_before']:,} → {r['params_after']:,}")
+    console = Console()
+    console.print(table)
+    b, a = report["params_before"], report["params_after"]
+    console.print(f"replaced {len(rows)} modules · parameters {b:,} → {a:,} ({a - b:+,}, {100 * (a - b) / b:+.3f}%)")
     console.print(f"wrote {report['output']}")
 
 
@@ -176,11 +212,13 @@ def add(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     input_size: InputSizeOpt = None,
+    replace_existing: ReplaceOpt = False,
 ) -> None:
     """Insert a channel-attention BLOCK at the residual sites of MODEL and save a checkpoint."""
     run_add(block, model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
             reduction=reduction, kernel_size=kernel_size, groups=groups, include=include, exclude=exclude,
-            stages=stages, output=output, overwrite=overwrite, as_json=as_json, input_size=input_size)
+            stages=stages, output=output, overwrite=overwrite, as_json=as_json, input_size=input_size,
+            replace_existing=replace_existing)
 
 
 @app.command("add-se")
@@ -199,11 +237,12 @@ def add_se(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     input_size: InputSizeOpt = None,
+    replace_existing: ReplaceOpt = False,
 ) -> None:
     """Insert Squeeze-and-Excitation (Hu et al., arXiv 1709.01507) at the residual sites of MODEL."""
     run_add("se", model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
             reduction=reduction, include=include, exclude=exclude, stages=stages, output=output,
-            overwrite=overwrite, as_json=as_json, input_size=input_size)
+            overwrite=overwrite, as_json=as_json, input_size=input_size, replace_existing=replace_existing)
 
 
 @app.command("add-eca")
@@ -222,11 +261,12 @@ def add_eca(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     input_size: InputSizeOpt = None,
+    replace_existing: ReplaceOpt = False,
 ) -> None:
     """Insert Efficient Channel Attention (Wang et al., arXiv 1910.03151) at the residual sites of MODEL."""
     run_add("eca", model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
             kernel_size=kernel_size, include=include, exclude=exclude, stages=stages, output=output,
-            overwrite=overwrite, as_json=as_json, input_size=input_size)
+            overwrite=overwrite, as_json=as_json, input_size=input_size, replace_existing=replace_existing)
 
 
 @app.command("sites")
