@@ -147,8 +147,8 @@ def add_attention(
         raise RetrofitError("this model already has retrofitted attention; start again from the base model")
 
     input_size = tuple(input_size or default_input_size(model))
-    options: dict[str, Any] = {"reduction": reduction, "groups": groups}
-    options["kernel_size"] = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
+    user_options: dict[str, Any] = {"reduction": reduction, "groups": groups}
+    user_options["kernel_size"] = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
     if replace_existing:
         if include or exclude or stages:
             raise RetrofitError("--replace-existing swaps every SE module; it takes no --include/--exclude/--stages")
@@ -157,7 +157,7 @@ def add_attention(
         replaced = replace_existing_se(
             model, block, init=init, reduction=reduction, kernel_size=kernel_size, groups=groups
         )
-        setattr(model, MODEL_MARK, Retrofit(block, placement, init, options, [], input_size, replaced))
+        setattr(model, MODEL_MARK, Retrofit(block, placement, init, user_options, [], input_size, replaced))
         return model, replaced
     all_sites, failures = find_sites(model, input_size)
     if not all_sites:
@@ -173,7 +173,7 @@ def add_attention(
         )
         planned.append((site, channels, options))
     inserted = apply_plan(model, planned, block, placement, init)
-    setattr(model, MODEL_MARK, Retrofit(block, placement, init, options, inserted, input_size))
+    setattr(model, MODEL_MARK, Retrofit(block, placement, init, user_options, inserted, input_size))
     return model, inserted
 
 
