@@ -63,3 +63,17 @@ def test_predict_command_names_classes(lite0_weights, photos):
     preds = json.loads(result.output)["predictions"]
     assert [p["classes"][0] for p in preds] == [285, 967]
     assert all(len(p["classes"]) == 5 for p in preds)
+
+
+@pytest.mark.slow
+def test_compare_command_reports_unchanged_top5(lite0_weights, photos, tmp_path):
+    out = tmp_path / "se.safetensors"
+    runner = CliRunner()
+    assert runner.invoke(app, ["add-se", "tf_efficientnet_lite0", "--weights", str(lite0_weights), "-o", str(out)]).exit_code == 0
+    result = runner.invoke(
+        app, ["compare", "tf_efficientnet_lite0", str(out), *map(str, photos), "--weights", str(lite0_weights), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["images"]
+    assert [r["base"][0] for r in rows] == [285, 967]
+    assert all(r["same_top_k"] and r["max_abs_logit_diff"] <= 1e-5 for r in rows)

@@ -41,3 +41,41 @@ def predict(
     for r in results:
         table.add_row(Path(r.image).name, ", ".join(f"{c} ({p:.3f})" for c, p in zip(r.classes, r.probs)))
     Console().print(table)
+
+
+@app.command("compare")
+@handle_errors
+def compare(
+    base: Annotated[str, typer.Argument(help="The reference: a model name or checkpoint.")],
+    other: Annotated[str, typer.Argument(help="The model to compare: a checkpoint or model name.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    top: Annotated[int, typer.Option("--top", min=1, help="How many classes to compare per image.")] = 5,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights for BASE when it is a model name.")] = None,
+    no_pretrained: NoPretrainedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-k of BASE and OTHER side by side, the max |Δ logit|, and whether the top-k agree."""
+    from ..checkpoint import load_target
+    from ..predict import predict as run
+
+    paths = [str(p) for p in images]
+    a = run(load_target(base, pretrained=not no_pretrained, weights=weights), paths, top=top)
+    b = run(load_target(other, pretrained=not no_pretrained), paths, top=top)
+    rows = [
+        {"image": x.image, "base": x.classes, "other": y.classes, "same_top_k": x.classes == y.classes,
+         "max_abs_logit_diff": float((x.logits - y.logits).abs().max())}
+        for x, y in zip(a, b)
+    ]
+    if as_json:
+        typer.echo(json.dumps({"base": base, "other": other, "images": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"top-{top}: {base}  vs  {other}")
+    for col in ("image", "base", "other", "same", "max |Δ logit|"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(Path(r["image"]).name, " ".join(map(str, r["base"])), " ".join(map(str, r["other"])),
+                      "yes" if r["same_top_k"] else "NO", f"{r['max_abs_logit_diff']:.2e}")
+    Console().print(table)
