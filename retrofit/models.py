@@ -82,6 +82,20 @@ def build(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
         return get_model(spec.arch, weights=weights, **spec.kwargs)
     import timm
 
+    if spec.name.startswith(HF_HUB_PREFIX) and not pretrained:
+        hub_id = spec.name[len(HF_HUB_PREFIX):]
+        if not _hub_reachable("huggingface.co") and not _hf_cached_config(hub_id):
+            raise RetrofitError(
+                f"could not fetch the configuration of {spec.name!r} (offline and not cached); "
+                "use the timm architecture name with --weights FILE instead"
+            )
+        try:  # timm reads an hf-hub model's config from the hub even without weights
+            return timm.create_model(spec.name, pretrained=False, **spec.kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise RetrofitError(
+                f"could not fetch the configuration of {spec.name!r} from the hub ({type(e).__name__}); "
+                "use the timm architecture name with --weights FILE instead"
+            ) from e
     return timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
 
 
@@ -144,6 +158,12 @@ def _hf_cached_file(hub_id: str | None) -> str | None:
         if isinstance(path, str):
             return path
     return None
+
+
+def _hf_cached_config(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

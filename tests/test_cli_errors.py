@@ -134,3 +134,14 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     out = subprocess.run(["retrofit", "--help"], capture_output=True, text=True, check=True).stdout
     assert "add-eca" in out and "add-se" in out
+
+
+def test_offline_hf_hub_model_fails_fast_in_one_line(tmp_path, monkeypatch):
+    import retrofit.models as models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda host: False)
+    monkeypatch.setattr(models, "_hf_cached_config", lambda hub_id: False)
+    monkeypatch.setattr(models, "_hf_cached_file", lambda hub_id: None)
+    for extra in ([], ["--no-pretrained"]):
+        result = run("add-eca", "hf-hub:timm/resnet18.a1_in1k", *extra, "-o", str(tmp_path / "x.safetensors"))
+        assert_one_line_error(result, "'hf-hub:timm/resnet18.a1_in1k'", "--weights FILE")
