@@ -108,3 +108,25 @@ def test_deepcopy_of_retrofitted_model_is_independent():
         clone.layer1[0].se.fc2.bias.add_(1.0)
         x = torch.randn(1, 3, 64, 64)
         assert not torch.equal(clone(x), model(x))
+
+
+class _DataDependentBlock(torch.nn.Module):
+    """A residual unit whose forward branches on tensor values: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x + self.conv(x)
+        return x - self.conv(x)
+
+
+def test_untraceable_model_error_names_module_and_reason():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), _DataDependentBlock())
+    with pytest.raises(retrofit.RetrofitError) as info:
+        retrofit.add_attention(model, "eca", input_size=(3, 16, 16))
+    message = str(info.value)
+    assert "no residual site found in Sequential" in message
+    assert "1 (_DataDependentBlock)" in message and "control flow" in message
