@@ -140,6 +140,7 @@ def test_sites_command_lists_without_changing(tmp_path):
     assert rows[0] == {"owner": "layer1.0", "index": 0, "channels": 256, "in_channels": 64, "height": 56,
                        "width": 56, "stage": 1, "shortcut": "projection"}
     assert rows[-1]["shortcut"] == "identity" and rows[-1]["stage"] == 4
+    assert json.loads(result.output)["untraced"] == []
 
 
 def test_replace_existing_on_mobilenetv3_swaps_se_for_eca(tmp_path):

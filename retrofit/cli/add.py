@@ -294,8 +294,9 @@ def sites(
          "shortcut": "projection" if s.projection else "identity"}
         for s in found
     ]
+    untraced = [{"owner": f.owner, "type": f.module_type, "reason": f.reason} for f in failures]
     if as_json:
-        typer.echo(json.dumps({"model": model, "sites": rows}, indent=2))
+        typer.echo(json.dumps({"model": model, "sites": rows, "untraced": untraced}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -306,4 +307,7 @@ def sites(
     for r in rows:
         table.add_row(r["owner"], str(r["channels"]), str(r["in_channels"]), f"{r['height']}×{r['width']}",
                       str(r["stage"]), r["shortcut"])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for f in untraced:  # honest about what could not be looked into
+        console.print(f"[yellow]not traced[/yellow] {f['owner'] or '<root>'} ({f['type']}): {f['reason']}")
