@@ -7,6 +7,7 @@ Public API (imported lazily, so ``retrofit --help`` does not import torch)::
     model, spec, origin = load_model("resnet50")          # timm / torchvision: / hf-hub:
     model, sites = add_attention(model, "eca")             # identity init: outputs unchanged
     save_checkpoint(model, "resnet50-eca.safetensors")     # tensors + JSON recipe
+    profile(model).macs                                    # params, MACs, FLOPs, element ops
     model = load_checkpoint("resnet50-eca.safetensors")    # rebuilt without downloads
 """
 
@@ -28,6 +29,8 @@ _EXPORTS = {
     "Site": "graph",
     "find_sites": "graph",
     "load_model": "models",
+    "Profile": "profile",
+    "profile": "profile",
     "PLACEMENTS": "surgery",
     "InsertedSite": "surgery",
     "add_attention": "surgery",
