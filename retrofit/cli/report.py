@@ -1,0 +1,235 @@
+"""``retrofit report params-flops TARGET``: parameters, MACs, FLOPs and element ops, before and after."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Annotated, Any
+
+import typer
+
+from .add import NoPretrainedOpt, WeightsOpt
+from .app import app, fail, handle_errors, parse_ints
+
+report_app = typer.Typer(help="Reports on a model or a retrofit checkpoint.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+_METRICS = (
+    ("params", "params"),
+    ("trainable_params", "trainable params"),
+    ("macs", "MACs"),
+    ("flops", "FLOPs (2 × MACs)"),
+    ("element_ops", "element ops"),
+    ("latency_ms", "latency (ms)"),
+)
+_SITE_COLUMNS = ("key", "owner", "block", "setting", "channels", "height", "width", "params", "macs", "flops",
+                 "element_ops")
+
+
+@report_app.command(
+    "params-flops",
+    epilog=(
+        "[bold]Counting rules[/bold]\n\n"
+        "Params: unique tensors (a module shared by two parents counts once).\n\n"
+        "MACs: multiply-accumulates of convolution (1-D, 2-D, grouped, depthwise, transposed) and linear/matmul, "
+        "counted on the aten ops that actually run (F.conv2d inside Conv2dSame counts, so does a @ b); "
+        "bias additions excluded, as in published tables. FLOPs = 2 × MACs.\n\n"
+        "Element ops, their own line so MACs stay comparable with published tables: add, mul, sigmoid, relu and "
+        "the other pointwise ops 1 per output element; mean, sum and adaptive pooling 1 per input element; "
+        "k×k max/avg pooling k·k per output element; batch norm in eval 2 per element (1 without affine); "
+        "layer/group norm 5 per element (4 without affine).\n\n"
+        "Views, padding and copies cost nothing; any other op without a rule is listed as uncounted.\n\n"
+        "One forward pass in eval mode under no_grad on seeded noise; the model is not changed. "
+        "--latency: median of 20 timed passes after 5 warm-up passes, naming the device and thread count.\n\n"
+        "Details and the JSON keys: docs/profile.md."
+    ),
+)
+@handle_errors
+def params_flops(
+    target: Annotated[str, typer.Argument(help="timm name, torchvision:NAME, hf-hub:ORG/NAME, or a retrofit .safetensors checkpoint.")],
+    input_size: Annotated[str, typer.Option("--input-size", help="Input without batch: C,H,W.")] = "3,224,224",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="N of the input; MACs and element ops scale with it.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (stable keys, see docs/profile.md).")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table to paste into a README.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV with exact integers.")] = False,
+    per_site: Annotated[bool, typer.Option("--per-site", help="One row per inserted block (checkpoints only).")] = False,
+    latency: Annotated[bool, typer.Option("--latency", help="Also time the forward pass (median of 20 runs).")] = False,
+    weights: WeightsOpt = None,
+    no_pretrained: NoPretrainedOpt = False,
+) -> None:
+    """Parameters, MACs, FLOPs and element ops of TARGET; for a checkpoint, base → retrofitted with Δ and %.
+
+    Weights never change a count: pass --no-pretrained to skip fetching them for a model name.
+    """
+    if sum((as_json, as_markdown, as_csv)) > 1:
+        fail("choose one of --json, --markdown, --csv")
+    if weights is not None and no_pretrained:
+        fail("--weights and --no-pretrained exclude each other")
+    size = parse_ints(input_size, "--input-size")
+    if any(v < 1 for v in size):
+        fail(f"--input-size takes positive integers C,H,W, e.g. 3,224,224; got {input_size!r}")
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {batch_size}")
+
+    from ..checkpoint import is_checkpoint
+
+    if per_site and not is_checkpoint(target):
+        fail(f"--per-site needs a retrofit checkpoint (.safetensors); {target} has no inserted blocks "
+             f"(`retrofit sites {target}` lists its residual sites)")
+    from ..profile import profile_target
+
+    report = profile_target(target, tuple(size), batch_size, pretrained=not no_pretrained,
+                            weights=str(weights) if weights is not None else None, latency=latency)
+    data = report.to_dict()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    elif as_markdown:
+        typer.echo(_markdown(data, per_site))
+    elif as_csv:
+        typer.echo(_csv(data, per_site), nl=False)
+    else:
+        _print_rich(data, per_site)
+
+
+def _si(value: float | int | None, signed: bool = False) -> str:
+    """``4089184256`` → ``4.089 G`` (MACs, FLOPs, element ops: the field's units)."""
+    if value is None:
+        return "-"
+    sign = ("+" if value > 0 else "") if signed else ""
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{sign}{value / scale:.3f} {unit}"
+    return f"{sign}{value:,}"
+
+
+def _cell(key: str, value: float | int | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    if key == "latency_ms":
+        return f"{value:+.2f}" if signed else f"{value:.2f}"
+    if key in ("params", "trainable_params"):
+        return f"{value:+,}" if signed else f"{value:,}"
+    return _si(value, signed)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}%"
+
+
+def _value(profile: dict[str, Any], key: str) -> float | int | None:
+    if key == "latency_ms":
+        return profile["latency"]["median_ms"] if profile["latency"] else None
+    return profile[key]
+
+
+def _metric_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the totals table, formatted for people."""
+    model, base = data["model"], data["base"]
+    keys = [k for k, _ in _METRICS if k != "latency_ms" or model["latency"]]
+    labels = dict(_METRICS)
+    latency = model["latency"]
+    if latency:
+        labels["latency_ms"] = f"latency (ms, median of {latency['runs']}, {latency['device']}, {latency['threads']} threads)"
+    if base is None:
+        header = ["", data["name"]]
+        rows = [[labels[k], _cell(k, _value(model, k))] for k in keys]
+    else:
+        header = ["", f"base ({data['name']})", "retrofitted", "Δ", "Δ %"]
+        rows = [[labels[k], _cell(k, _value(base, k)), _cell(k, _value(model, k)),
+                 _cell(k, data["delta"][k], signed=True), _percent(data["delta_percent"][k])] for k in keys]
+    return header, rows
+
+
+def _site_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["site", "block", "C", "H×W", "params", "MACs", "element ops"]
+    rows = [[s["key"], f"{s['block']} {s['setting']}", str(s["channels"]), f"{s['height']}×{s['width']}",
+             f"{s['params']:,}", _si(s["macs"]), _si(s["element_ops"])] for s in data["model"]["sites"]]
+    sites = data["model"]["sites"]
+    rows.append([f"all {len(sites)} sites", "", "", "", f"{sum(s['params'] for s in sites):,}",
+                 _si(sum(s["macs"] for s in sites)), _si(sum(s["element_ops"] for s in sites))])
+    return header, rows
+
+
+def _title(data: dict[str, Any]) -> str:
+    shape = "×".join(str(v) for v in [data["batch_size"], *data["input_size"]])
+    return f"{data['target']} · input {shape}"
+
+
+def _uncounted(data: dict[str, Any]) -> str | None:
+    ops = data["model"]["uncounted_ops"]
+    if not ops:
+        return None
+    return "ran without a counting rule (not in any total): " + ", ".join(f"{k} ×{n}" for k, n in ops.items())
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _markdown(data: dict[str, Any], per_site: bool) -> str:
+    header, rows = _metric_rows(data)
+    header[0] = _title(data)
+    lines = _md_table(header, rows)
+    if per_site:
+        lines += [""] + _md_table(*_site_rows(data))
+    note = _uncounted(data)
+    if note:
+        lines += ["", note]
+    return "\n".join(lines)
+
+
+def _csv(data: dict[str, Any], per_site: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    if per_site:
+        writer.writerow(_SITE_COLUMNS)
+        for s in data["model"]["sites"]:
+            writer.writerow([s[c] for c in _SITE_COLUMNS])
+        return buf.getvalue()
+    model, base = data["model"], data["base"]
+    keys = [k for k, _ in _METRICS if k != "latency_ms" or model["latency"]]
+    if base is None:
+        writer.writerow(["metric", "value"])
+        writer.writerows([k, _value(model, k)] for k in keys)
+    else:
+        writer.writerow(["metric", "base", "retrofitted", "delta", "delta_percent"])
+        for k in keys:
+            pct = data["delta_percent"][k]
+            writer.writerow([k, _value(base, k), _value(model, k), data["delta"][k],
+                             "" if pct is None else f"{pct:.4f}"])
+    return buf.getvalue()
+
+
+def _print_rich(data: dict[str, Any], per_site: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    header, rows = _metric_rows(data)
+    table = Table(title=_title(data))
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if per_site:
+        header, rows = _site_rows(data)
+        sites = Table(title=f"{len(rows) - 1} inserted blocks")
+        for i, h in enumerate(header):
+            sites.add_column(h, justify="left" if i < 2 else "right")
+        for row in rows[:-1]:
+            sites.add_row(*row)
+        sites.add_section()
+        sites.add_row(*rows[-1])
+        console.print(sites)
+    note = _uncounted(data)
+    if note:
+        console.print(note, markup=False)
