@@ -267,8 +267,8 @@ def test_markdown_report_pastes_as_a_readme_table(se_checkpoint):
     assert totals[2] == "| params | 25,557,032 | 28,088,024 | +2,530,992 | +9.90% |"
     assert totals[4] == "| MACs | 1.078 G | 1.080 G | +2.515 M | +0.23% |"
     sites = tables[1].splitlines()
-    assert sites[2] == "| layer1.0.se | se r=16 (16) | 256 | 28×28 | 8,464 | 8.192 K | 401.936 K |"
-    assert sites[-1] == "| all 16 sites |  |  |  | 2,530,992 | 2.515 M | 2.837 M |"
+    assert sites[2] == "| layer1.0.se | se r=16 (16) | 256×28×28 | 8,464 | 8.192 K | 401.936 K |"
+    assert sites[-1] == "| all 16 sites |  |  | 2,530,992 | 2.515 M | 2.837 M |"
 
 
 def test_csv_report_of_a_model_name_has_exact_integers():
@@ -276,6 +276,15 @@ def test_csv_report_of_a_model_name_has_exact_integers():
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[:4] == [
         "metric,value", "params,11689512", "trainable_params,11689512", "macs,1814073344"]
+
+
+def test_table_report_names_latency_device_and_threads():
+    result = runner.invoke(app, ["report", "params-flops", "torchvision:resnet18", "--no-pretrained", "--latency",
+                                 "--input-size", "3,32,32"])
+    assert result.exit_code == 0, result.output
+    assert "resnet18 · input 1×3×32×32" in result.stdout
+    assert "11,689,512" in result.stdout
+    assert f"latency: median of 20 runs after 5 warm-up, cpu, {torch.get_num_threads()} threads" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from typing import Annotated, Any
 
 import typer
@@ -15,6 +16,10 @@ from .app import app, fail, handle_errors, parse_ints
 report_app = typer.Typer(help="Reports on a model or a retrofit checkpoint.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
 
+TargetArg = Annotated[
+    str, typer.Argument(help="timm name, torchvision:NAME, hf-hub:ORG/NAME, or a retrofit .safetensors checkpoint.")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="N of the input; MACs and element ops scale with it.")]
 _METRICS = (
     ("params", "params"),
     ("trainable_params", "trainable params"),
@@ -47,14 +52,14 @@ _SITE_COLUMNS = ("key", "owner", "block", "setting", "channels", "height", "widt
 )
 @handle_errors
 def params_flops(
-    target: Annotated[str, typer.Argument(help="timm name, torchvision:NAME, hf-hub:ORG/NAME, or a retrofit .safetensors checkpoint.")],
+    target: TargetArg,
     input_size: Annotated[str, typer.Option("--input-size", help="Input without batch: C,H,W.")] = "3,224,224",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="N of the input; MACs and element ops scale with it.")] = 1,
+    batch_size: BatchOpt = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (stable keys, see docs/profile.md).")] = False,
-    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table to paste into a README.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table for a README.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV with exact integers.")] = False,
-    per_site: Annotated[bool, typer.Option("--per-site", help="One row per inserted block (checkpoints only).")] = False,
-    latency: Annotated[bool, typer.Option("--latency", help="Also time the forward pass (median of 20 runs).")] = False,
+    per_site: Annotated[bool, typer.Option("--per-site", help="One row per inserted block (checkpoints).")] = False,
+    latency: Annotated[bool, typer.Option("--latency", help="Also time the forward pass (median of 20).")] = False,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,
 ) -> None:
@@ -114,7 +119,11 @@ def _cell(key: str, value: float | int | None, signed: bool = False) -> str:
 
 
 def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.2f}%"
+    """``+9.90%``; a tiny non-zero change keeps two significant digits (``+0.00034%``), never ``+0.00%``."""
+    if value is None:
+        return "-"
+    decimals = 2 if value == 0 or abs(value) >= 0.01 else 1 - math.floor(math.log10(abs(value)))
+    return f"{value:+.{decimals}f}%"
 
 
 def _value(profile: dict[str, Any], key: str) -> float | int | None:
@@ -123,16 +132,21 @@ def _value(profile: dict[str, Any], key: str) -> float | int | None:
     return profile[key]
 
 
-def _metric_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the totals table, formatted for people."""
+def _latency_setup(data: dict[str, Any]) -> str:
+    lat = data["model"]["latency"]
+    return (f"median of {lat['runs']} runs after {lat['warmup']} warm-up, {lat['device']}, "
+            f"{lat['threads']} threads")
+
+
+def _metric_rows(data: dict[str, Any], latency_setup: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the totals table, formatted for people (latency setup in its label or not)."""
     model, base = data["model"], data["base"]
     keys = [k for k, _ in _METRICS if k != "latency_ms" or model["latency"]]
     labels = dict(_METRICS)
-    latency = model["latency"]
-    if latency:
-        labels["latency_ms"] = f"latency (ms, median of {latency['runs']}, {latency['device']}, {latency['threads']} threads)"
+    if model["latency"] and latency_setup:
+        labels["latency_ms"] = f"latency (ms, {_latency_setup(data)})"
     if base is None:
-        header = ["", data["name"]]
+        header = ["", "value"]
         rows = [[labels[k], _cell(k, _value(model, k))] for k in keys]
     else:
         header = ["", f"base ({data['name']})", "retrofitted", "Δ", "Δ %"]
@@ -142,11 +156,11 @@ def _metric_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _site_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["site", "block", "C", "H×W", "params", "MACs", "element ops"]
-    rows = [[s["key"], f"{s['block']} {s['setting']}", str(s["channels"]), f"{s['height']}×{s['width']}",
+    header = ["site", "block", "C×H×W", "params", "MACs", "element ops"]
+    rows = [[s["key"], f"{s['block']} {s['setting']}", f"{s['channels']}×{s['height']}×{s['width']}",
              f"{s['params']:,}", _si(s["macs"]), _si(s["element_ops"])] for s in data["model"]["sites"]]
     sites = data["model"]["sites"]
-    rows.append([f"all {len(sites)} sites", "", "", "", f"{sum(s['params'] for s in sites):,}",
+    rows.append([f"all {len(sites)} sites", "", "", f"{sum(s['params'] for s in sites):,}",
                  _si(sum(s["macs"] for s in sites)), _si(sum(s["element_ops"] for s in sites))])
     return header, rows
 
@@ -209,22 +223,27 @@ def _csv(data: dict[str, Any], per_site: bool) -> str:
 
 
 def _print_rich(data: dict[str, Any], per_site: bool) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    header, rows = _metric_rows(data)
-    table = Table(title=_title(data))
+    header, rows = _metric_rows(data, latency_setup=False)
+    console.print(_title(data), style="bold", markup=False)
+    table = Table()
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    if data["model"]["latency"]:
+        console.print(f"latency: {_latency_setup(data)}", markup=False)
     if per_site:
         header, rows = _site_rows(data)
-        sites = Table(title=f"{len(rows) - 1} inserted blocks")
+        sites = Table(title=f"{len(rows) - 1} inserted blocks", box=box.SIMPLE_HEAD, pad_edge=False,
+                      collapse_padding=True)
         for i, h in enumerate(header):
-            sites.add_column(h, justify="left" if i < 2 else "right")
+            sites.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
         for row in rows[:-1]:
             sites.add_row(*row)
         sites.add_section()
