@@ -241,10 +241,6 @@ class Latency:
         return {"median_ms": self.median_ms, "min_ms": self.min_ms, "runs": self.runs, "warmup": self.warmup,
                 "device": self.device, "threads": self.threads, "batch_size": self.batch_size}
 
-    def describe(self) -> str:
-        return (f"{self.median_ms:.2f} ms median of {self.runs} runs after {self.warmup} warm-up "
-                f"({self.device}, {self.threads} threads, batch {self.batch_size})")
-
 
 @dataclass(frozen=True)
 class Profile:
