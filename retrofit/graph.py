@@ -6,14 +6,18 @@ never traced into, and a child's ``self.training`` control flow stays live). An 
 (``operator.add``/``iadd``, ``torch.add``, ``Tensor.add``/``add_``) found in a module's own
 graph is a **site** when:
 
-* both operands are 4-D feature maps of the same shape (found by shape propagation on the
-  module's real input during one dummy forward of the whole model, in eval mode, no grad), and
-* the operands share an ancestor inside the module (the unit's input). The operand with the
-  shorter path from that ancestor is the **shortcut** (an identity shortcut is the ancestor
-  itself, no ops); the other is the **residual branch**.
+* both operands are ``(N, C, H, W)`` feature maps of the same shape (found by shape
+  propagation on the module's real input during one dummy forward of the whole model, in eval
+  mode, no grad, batch of :data:`PROBE_BATCH`): 4-D, N the probe's batch, and H×W with the
+  input's aspect ratio (see :func:`is_feature_map`), and
+* the operands share an ancestor inside the module (the unit's input), itself an
+  ``(N, C, H, W)`` map when it is a tensor. The operand with the shorter path from that
+  ancestor is the **shortcut** (an identity shortcut is the ancestor itself, no ops); the
+  other is the **residual branch**.
 
-Additions of token tensors (3-D, transformers), of a tensor and a parameter (positional
-embeddings) or of a scalar are not sites.
+Additions of token tensors (3-D, transformers; also the channels-last ``(N, H, W, C)`` maps
+of Swin-style blocks), of attention logits ``(N·heads, …)``, of a tensor and a parameter
+(positional embeddings) or of a scalar are not sites.
 
 Discovery never changes the model: tracing runs Python only, the dummy forward runs in eval
 mode under ``no_grad``, and every module's mode, buffers and attributes are restored.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +41,9 @@ from torch import fx, nn
 from .errors import RetrofitError
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+#: Batch of the dummy input. Two, not one, so that a tensor computed without the batch (a
+#: relative-position bias, a mask) cannot look like an operand of a residual addition.
+PROBE_BATCH = 2
 _ADD_METHODS = ("add", "add_")
 #: Trailing modules of a residual branch that the gate goes in front of (stochastic depth,
 #: dropout, identity): timm puts SE before ``drop_path`` too.
@@ -61,6 +69,10 @@ class Site:
         height, width: H×W of the addition, at the model's default input size.
         stage: stride level, ``round(log2(input_H / H)) - 1``: stride 4 → 1 … 32 → 4
             (ResNet's ``layer1`` … ``layer4``).
+        fixed_args: ``(name, value)`` of the owner's ``None``/``bool`` arguments in the probe
+            call (DLA's ``shortcut=None``, a ``pre_logits=False`` flag). The owner is traced with
+            them fixed, because fx cannot follow ``if shortcut is None:`` on a symbolic value;
+            the regenerated forward asserts them (a call with other values fails loudly).
     """
 
     owner: str
@@ -75,6 +87,7 @@ class Site:
     height: int
     width: int
     stage: int
+    fixed_args: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,10 +99,41 @@ class TraceFailure:
     reason: str
 
 
+#: Augmented assignments. fx's ``Proxy`` has no ``__iadd__`` & co., so Python falls back to
+#: ``x = x + y`` and the regenerated code would allocate a new tensor where the original wrote
+#: in place (one feature map per residual unit: measurably slower on CPU), and a module that
+#: updates a tensor in place would silently stop doing so.
+_INPLACE_OPERATORS = (
+    "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
+    "iand", "ior", "ixor", "ilshift", "irshift",
+)
+
+
+class InplaceProxy(fx.Proxy):
+    """A ``Proxy`` that records ``x += y`` as ``operator.iadd(x, y)`` (and likewise for the
+    other augmented assignments); fx's code generator writes it back as ``x += y``."""
+
+
+def _define_inplace(name: str) -> None:
+    target = getattr(operator, name)
+
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    method.__name__ = f"__{name}__"
+    setattr(InplaceProxy, method.__name__, method)
+
+
+for _name in _INPLACE_OPERATORS:
+    _define_inplace(_name)
+
+
 class OwnerTracer(fx.Tracer):
     """Traces one module's own forward; every child module is a leaf.
 
     timm's registered non-traceable functions (``timm.layers._fx``) are wrapped as leaf calls.
+    Augmented assignments stay in place (:class:`InplaceProxy`), so the regenerated forward
+    allocates and aliases exactly as the original.
     """
 
     def __init__(self) -> None:
@@ -97,6 +141,9 @@ class OwnerTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InplaceProxy(node, self)
 
 
 def _timm_notrace_functions() -> tuple:
@@ -131,8 +178,14 @@ def preserved_attributes(module: nn.Module) -> Iterator[None]:
                 del store[key]
 
 
-def trace_owner(module: nn.Module, training: bool | None = None) -> fx.GraphModule:
+def trace_owner(
+    module: nn.Module, training: bool | None = None, fixed_args: dict[str, Any] | None = None
+) -> fx.GraphModule:
     """Shallow fx graph of ``module.forward`` (children are leaves), in the given mode.
+
+    ``fixed_args`` (see :attr:`Site.fixed_args`) are traced as constants (fx ``concrete_args``,
+    guarded by an assert in the generated code); the forward keeps their parameter names, so
+    keyword calls still work.
 
     Returns a ``GraphModule`` that shares ``module``'s children and parameters; the tensor
     constants that fx made while tracing live on the GraphModule only. ``module`` is left
@@ -142,8 +195,14 @@ def trace_owner(module: nn.Module, training: bool | None = None) -> fx.GraphModu
         before = set(module.__dict__) | set(module._buffers)
         if training is not None:
             module.training = training
-        graph = OwnerTracer().trace(module)
+        graph = OwnerTracer().trace(module, concrete_args=dict(fixed_args) if fixed_args else None)
         constants = {k: getattr(module, k) for k in (set(module.__dict__) | set(module._buffers)) - before}
+    for node in graph.nodes:
+        # fx renames a fixed argument's placeholder (`shortcut_1`); keep the parameter's name
+        if node.op == "placeholder" and fixed_args:
+            name = re.sub(r"_\d+$", "", str(node.target))
+            if name in fixed_args and node.target != name:
+                node.target = name
     root: dict[str, Any] = dict(constants)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in root:
@@ -271,12 +330,12 @@ def _capture_inputs(
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        x = torch.randn(PROBE_BATCH, *input_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         try:
             model(x)
         except Exception as e:
             raise RetrofitError(
-                f"a forward pass with input (1, {', '.join(map(str, input_size))}) failed: "
+                f"a forward pass with input ({PROBE_BATCH}, {', '.join(map(str, input_size))}) failed: "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; try --input-size"
             ) from e
     finally:
@@ -307,6 +366,90 @@ class _ShapeRecorder(fx.Interpreter):
             self.shapes[n] = out.shape
         return out
 
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        # The regenerated forward passes list arguments as fresh literals, which a child may
+        # append to (timm's SequentialAppendList); fx's interpreter would pass immutable lists.
+        return super().call_module(target, _copied(args, tensors=False), _copied(kwargs, tensors=False))
+
+
+def _copied(value: Any, tensors: bool = True) -> Any:
+    """``value`` with fresh lists/tuples/dicts all the way down (and cloned tensors, if ``tensors``)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if tensors else value
+    if isinstance(value, dict):
+        return {k: _copied(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        items = [_copied(v, tensors) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _same_output(expected: Any, got: Any) -> bool:
+    """Whether two module outputs agree (tensors within 1e-5 of the expected's scale)."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
+            return False
+        if not expected.is_floating_point():
+            return torch.equal(expected, got)
+        a, b = expected.detach().double(), got.detach().double()
+        if not torch.equal(a.isnan(), b.isnan()):
+            return False
+        a, b = a.nan_to_num(), b.nan_to_num()
+        scale = max(1.0, a.abs().max().item()) if a.numel() else 1.0
+        return a.numel() == 0 or (a - b).abs().max().item() <= 1e-5 * scale
+    if isinstance(expected, dict):
+        return isinstance(got, dict) and expected.keys() == got.keys() and all(
+            _same_output(expected[k], got[k]) for k in expected
+        )
+    if isinstance(expected, (list, tuple)):
+        return (
+            isinstance(got, (list, tuple))
+            and len(expected) == len(got)
+            and all(_same_output(e, g) for e, g in zip(expected, got))
+        )
+    try:
+        return bool(expected == got)
+    except Exception:
+        return False
+
+
+def fixed_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The ``None``/``bool`` arguments of a call, by parameter name (see :attr:`Site.fixed_args`).
+
+    The first parameter (the input) and ``*args``/``**kwargs``/keyword-only ones are never fixed.
+    """
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    bound.apply_defaults()
+    fixed = {}
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        kind = signature.parameters[name].kind
+        if i > 0 and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and (value is None or isinstance(value, bool)):
+            fixed[name] = value
+    return fixed
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def is_feature_map(shape: torch.Size, input_size: tuple[int, int, int]) -> bool:
+    """Whether an activation of ``shape`` reads as an ``(N, C, H, W)`` map of the probe input.
+
+    4-D with N = :data:`PROBE_BATCH`, and H:W the input's aspect ratio within rounding (one
+    pixel). A channels-last ``(N, H, W, C)`` map (Swin, MambaOut) fails the second test unless
+    C happens to equal W; windowed or per-head tensors ``(N·k, …)`` fail the first.
+    """
+    if len(shape) != 4 or shape[0] != PROBE_BATCH or shape[1] < 1:
+        return False
+    _, in_h, in_w = input_size
+    h, w = int(shape[2]), int(shape[3])
+    return abs(h * in_w - w * in_h) <= max(in_h, in_w)
+
 
 def _stage(input_h: int, h: int) -> int:
     import math
@@ -330,51 +473,79 @@ def find_sites(
         RetrofitError: when the dummy forward pass fails.
     """
     input_size = tuple(input_size or default_input_size(model))
-    graphs: dict[str, tuple[fx.GraphModule, list[fx.Node]]] = {}
-    failures: list[TraceFailure] = []
+    # Modules with an addition in their own graph, and modules whose plain trace failed (it may
+    # succeed once their None/bool arguments are fixed, which the probe call tells).
+    graphs: dict[str, fx.GraphModule | None] = {}
+    untraced: dict[str, str] = {}
     owners: dict[str, nn.Module] = {}
     for path, module in _candidate_modules(model):
         try:
             gm = trace_owner(module)
         except Exception as e:
-            msg = str(e).strip().splitlines()
-            failures.append(TraceFailure(path, type(module).__name__, msg[0] if msg else type(e).__name__))
+            untraced[path] = _first_line(e)
+            graphs[path], owners[path] = None, module
             continue
-        adds = [n for n in gm.graph.nodes if _is_add(n)]
-        if adds:
-            graphs[path] = (gm, adds)
-            owners[path] = module
+        if any(_is_add(n) for n in gm.graph.nodes):
+            graphs[path], owners[path] = gm, module
 
+    failures: list[TraceFailure] = []
     if not owners:
         return [], failures
     sites: list[Site] = []
     with inspection_mode(model):
         captured, calls = _capture_inputs(model, owners, input_size)
-        for path, (gm, adds) in graphs.items():
-            if path not in captured:
-                continue  # not on the forward path (e.g. an unused auxiliary head)
-            module = owners[path]
+        for path, module in owners.items():
+
+            def fail(reason: str, path: str = path, module: nn.Module = module) -> None:
+                failures.append(TraceFailure(path, type(module).__name__, reason))
+
+            if path not in captured:  # not on the forward path (e.g. an unused auxiliary head)
+                if path in untraced:
+                    fail(untraced[path])
+                continue
+            args, kwargs = captured[path]
+            fixed = fixed_arguments(module, args, kwargs)
+            gm = graphs[path]
+            if fixed:
+                try:
+                    gm = trace_owner(module, fixed_args=fixed)
+                except Exception as e:
+                    fail(untraced.get(path) or _first_line(e))
+                    continue
+            elif gm is None:
+                fail(untraced[path])
+                continue
+            adds = [n for n in gm.graph.nodes if _is_add(n)]
+            if not adds:
+                continue
             if calls[path] > 1:
-                failures.append(TraceFailure(path, type(module).__name__, "module is called more than once per forward"))
+                fail("module is called more than once per forward")
                 continue
             recorder = _ShapeRecorder(gm)
             try:
-                recorder.run(*positional_inputs(module, *captured[path]))
+                output = recorder.run(*_copied(positional_inputs(module, args, kwargs)))
             except Exception as e:
-                failures.append(TraceFailure(path, type(module).__name__, f"shape propagation failed: {e}"))
+                fail(f"shape propagation failed: {e}")
+                continue
+            # A graph that does not compute what the module computes (Python-side state, a
+            # child that mutates an argument the owner reads again) must never be rewritten.
+            if not _same_output(module(*_copied(args), **_copied(kwargs)), output):
+                fail("its traced graph does not reproduce its output (Python-side state or in-place argument updates)")
                 continue
             shapes = recorder.shapes
             index = 0
             for add in adds:
                 a, b = add.args[0], add.args[1]
                 sa, sb = shapes.get(a), shapes.get(b)
-                if sa is None or sb is None or len(sa) != 4 or sa != sb or sa[1] < 1:
+                if sa is None or sa != sb or not is_feature_map(sa, input_size):
                     continue
                 split = split_operands(add)
                 if split is None:
                     continue
                 branch, shortcut, unit_input = split
                 in_shape = shapes.get(unit_input)
+                if in_shape is not None and not is_feature_map(in_shape, input_size):
+                    continue  # e.g. attention logits or a conv position encoding of 3-D tokens
                 gate_in = branch_gate_input(gm, branch)
                 sites.append(
                     Site(
@@ -390,6 +561,7 @@ def find_sites(
                         height=int(sa[2]),
                         width=int(sa[3]),
                         stage=_stage(input_size[1], int(sa[2])),
+                        fixed_args=tuple(fixed.items()),
                     )
                 )
                 index += 1
