@@ -299,9 +299,11 @@ def _insert(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_pat
     add = _node(gm, site.add_node, owner_path)
     if placement == "standard":
         branch = _node(gm, site.residual_branch, owner_path)
+        shortcut = _node(gm, site.shortcut, owner_path)
         consumer = add
         while branch not in consumer.args:  # the gate goes before trailing drop-path / identity
-            consumer = next(a for a in consumer.args if isinstance(a, fx.Node) and a.op == "call_module")
+            # follow the branch side: the shortcut may be a module call too (EdgeNeXt's conv_dw)
+            consumer = next(a for a in consumer.args if isinstance(a, fx.Node) and a is not shortcut)
         with graph.inserting_after(branch):
             gate = graph.call_module(attr, (branch,))
         consumer.replace_input_with(branch, gate)
@@ -336,7 +338,8 @@ def rewrite_owner(owner: nn.Module, plan: list[tuple[Site, str, nn.Module]], pla
     """
     owner_path = plan[0][0].owner if plan else path
     try:
-        modes = {mode: trace_owner(owner, training=mode) for mode in (True, False)}
+        fixed = dict(plan[0][0].fixed_args) if plan else None
+        modes = {mode: trace_owner(owner, training=mode, fixed_args=fixed) for mode in (True, False)}
     except Exception as e:
         raise RetrofitError(f"cannot re-trace {owner_path or '<root>'}: {str(e).splitlines()[0]}") from e
     for gm in modes.values():
