@@ -14,6 +14,7 @@ one line that names the model and says how to pass a local file.
 from __future__ import annotations
 
 import difflib
+from collections import OrderedDict
 import os
 import socket
 from dataclasses import dataclass, field
@@ -221,6 +222,10 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
     if bad:
         raise RetrofitError(f"shapes of {source} do not match the architecture: {', '.join(bad[:5])}")
+    # A safetensors file has no per-module version metadata; modules that check it on load
+    # (torchvision's MNASNet) get the version of the architecture the file was checked against.
+    state = OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
 
 
