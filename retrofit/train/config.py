@@ -1,0 +1,175 @@
+"""The fine-tuning recipe: one frozen dataclass, saved as ``config.json`` beside the weights.
+
+Every field is a plain JSON value, so the file is the exact record of a run and, with
+``--resume``, the yardstick a continued run is checked against (:data:`RESUME_FIELDS`).
+Defaults follow common fine-tuning practice (timm ``train.py``): AdamW, cosine schedule with
+warmup, label smoothing 0.1, weight decay 0.05 off norms/biases/gates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import RetrofitError
+
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that decides a fine-tuning run.
+
+    Model:
+        source: a retrofit checkpoint (``*.safetensors``) or a model name (timm, ``torchvision:``,
+            ``hf-hub:``). block: insert this block first (``eca``, ``se``, …; None = none);
+            placement, init, reduction, kernel_size, groups, include, exclude, stages: as
+            :func:`retrofit.add_attention`. weights: local weights file for a model name;
+            pretrained: False for random init.
+    Data:
+        data: ImageFolder root holding ``train/`` and ``val/`` (or the train root when
+            ``val_data`` is given), or ``torchvision:NAME`` (e.g. ``torchvision:CIFAR10``).
+        dataset_root: where torchvision datasets live; download: fetch them if missing.
+        img_size: square input side in pixels (None = the model's default).
+        hflip, scale, color_jitter: train augmentation (timm ``create_transform``).
+        skip_bad_images: skip unreadable images (counted) instead of stopping.
+        workers: DataLoader worker processes per rank.
+    Optimisation:
+        epochs, batch_size (per process), optimizer (``adamw``/``sgd``), lr (peak, for the
+        backbone), min_lr, warmup_epochs (may be fractional), weight_decay, momentum (SGD),
+        label_smoothing, new_lr_mult (learning-rate factor of inserted blocks and the head),
+        freeze_backbone_epochs, accum_steps, clip_grad (max global L2 norm; None = off), ema,
+        ema_decay, seed.
+    Runtime:
+        device, precision (``auto`` = bf16 autocast on CUDA, fp32 on CPU), channels_last
+        (None = on for CUDA), compile (torch.compile), until_epoch (stop after this epoch; the
+        schedule still spans ``epochs``), resume, overwrite.
+    """
+
+    source: str
+    data: str
+    output: str
+    val_data: str | None = None
+    block: str | None = None
+    placement: str = "standard"
+    init: str = "identity"
+    reduction: int = 16
+    kernel_size: int | list[int] | None = None
+    groups: int | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    stages: list[int] | None = None
+    weights: str | None = None
+    pretrained: bool = True
+    dataset_root: str | None = None
+    download: bool = False
+    img_size: int | None = None
+    hflip: float = 0.5
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    color_jitter: float = 0.4
+    skip_bad_images: bool = False
+    workers: int = 4
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    new_lr_mult: float = 10.0
+    freeze_backbone_epochs: int = 0
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    ema: bool = False
+    ema_decay: float = 0.9998
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    until_epoch: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`RetrofitError` (one line) for any value out of range."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"),
+            (_positive(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (_finite(self.min_lr) and 0 <= self.min_lr <= self.lr, f"--min-lr must be between 0 and --lr, got {self.min_lr}"),
+            (_finite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs,
+             f"--warmup-epochs must be between 0 and --epochs, got {self.warmup_epochs}"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0, f"--weight-decay must be ≥ 0, got {self.weight_decay}"),
+            (_finite(self.momentum) and 0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (_positive(self.new_lr_mult), f"--new-lr-mult must be positive, got {self.new_lr_mult}"),
+            (0 <= self.freeze_backbone_epochs <= self.epochs,
+             f"--freeze-backbone-epochs must be between 0 and --epochs, got {self.freeze_backbone_epochs}"),
+            (self.accum_steps >= 1, f"--accum-steps must be ≥ 1, got {self.accum_steps}"),
+            (self.clip_grad is None or _positive(self.clip_grad), f"--clip-grad must be positive, got {self.clip_grad}"),
+            (_finite(self.ema_decay) and 0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
+            (self.img_size is None or self.img_size >= 8, f"--img-size must be ≥ 8 pixels, got {self.img_size}"),
+            (_finite(self.hflip) and 0 <= self.hflip <= 1, f"--hflip must be a probability, got {self.hflip}"),
+            (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
+             f"--scale takes MIN,MAX with 0 < MIN ≤ MAX ≤ 1, got {','.join(map(str, self.scale))}"),
+            (_finite(self.color_jitter) and self.color_jitter >= 0, f"--color-jitter must be ≥ 0, got {self.color_jitter}"),
+            (self.workers >= 0, f"--workers must be ≥ 0, got {self.workers}"),
+            (self.device in DEVICES, f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}"),
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"),
+            (self.until_epoch is None or 1 <= self.until_epoch <= self.epochs,
+             f"--until-epoch must be between 1 and --epochs, got {self.until_epoch}"),
+            (not (self.weights is not None and not self.pretrained), "--weights and --no-pretrained exclude each other"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RetrofitError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
+        """Rebuild from :meth:`to_dict` output; unknown keys are a :class:`RetrofitError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RetrofitError(f"unknown fine-tuning settings: {', '.join(unknown)}")
+        return cls(**data)
+
+
+#: Settings that change the result: a resumed run must use the same values as the original.
+#: Runtime-only settings (output, workers, until_epoch, resume, overwrite, download, …) may change.
+RESUME_FIELDS = (
+    "source", "data", "val_data", "block", "placement", "init", "reduction", "kernel_size", "groups", "include",
+    "exclude", "stages", "weights", "pretrained", "img_size", "hflip", "scale", "color_jitter", "epochs",
+    "batch_size", "optimizer", "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum", "label_smoothing",
+    "new_lr_mult", "freeze_backbone_epochs", "accum_steps", "clip_grad", "ema", "ema_decay", "seed", "precision",
+)
+
+
+def resume_mismatch(saved: dict[str, Any], current: FinetuneConfig) -> str | None:
+    """The first setting that differs from the saved run, as a one-line message; None when all match."""
+    now = current.to_dict()
+    for name in RESUME_FIELDS:
+        if name in saved and saved[name] != now[name]:
+            flag = "--" + name.replace("_", "-")
+            return (f"{flag} is {now[name]!r} but the run being resumed used {saved[name]!r}; "
+                    "resume with the same settings (or start a new run in another --output)")
+    return None
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _positive(x: float) -> bool:
+    return _finite(x) and x > 0

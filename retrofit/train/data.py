@@ -1,0 +1,289 @@
+"""Datasets and loaders for fine-tuning: ImageFolder trees or torchvision datasets, timm transforms.
+
+* ImageFolder: ``DIR/train/<class>/<image>`` and ``DIR/val/<class>/<image>``, or a train root
+  plus ``val_data``. Class indices come from the train tree (sorted folder names) and the val
+  tree is read with the same mapping.
+* ``torchvision:NAME`` (``torchvision:CIFAR10``, ``torchvision:MNIST``, …): the dataset's
+  train split and its test (or val) split, downloaded into ``dataset_root`` with ``download``.
+
+Transforms come from the model's timm data config (``timm.data.resolve_data_config`` and
+``create_transform``): mean/std, interpolation and crop are the model's, not written here.
+Images are converted to RGB first, so greyscale sets work.
+
+An unreadable image does not raise inside a loader worker (where the message would be buried
+in a re-raised traceback): the dataset yields a :class:`BadImage` and :func:`collate` hands it
+to the training loop, which stops naming the file or, with ``skip_bad_images``, counts it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import RetrofitError
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image that could not be decoded or transformed: ``path`` and the reason (one line)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Splits:
+    """Train and validation datasets with their shared class list (index = label)."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    description: str
+
+
+class ImageTree(Dataset):
+    """An ImageFolder tree with a given class mapping; yields ``(image (3, H, W), label)`` or a :class:`BadImage`.
+
+    File discovery is torchvision's (``DatasetFolder.make_dataset``, its ``IMG_EXTENSIONS``).
+    """
+
+    def __init__(self, root: Path, class_to_idx: dict[str, int], transform: Callable):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+        self.root = root
+        self.transform = transform
+        self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadImage:
+        from PIL import Image
+
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB")), target
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError …
+            return BadImage(path, _one_line(e))
+
+
+class TorchvisionImages(Dataset):
+    """A torchvision dataset returning ``(PIL image, label)``, converted to RGB and transformed."""
+
+    def __init__(self, dataset: Any, transform: Callable):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadImage:
+        try:
+            image, target = self.dataset[index]
+            return self.transform(image.convert("RGB")), int(target)
+        except Exception as e:
+            return BadImage(f"{type(self.dataset).__name__}[{index}]", _one_line(e))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def data_config(model: torch.nn.Module, img_size: int | None) -> dict[str, Any]:
+    """timm's data config of ``model`` (input_size, interpolation, mean, std, crop_pct, crop_mode).
+
+    ``img_size`` (pixels) overrides the square input size. torchvision models get timm's
+    ImageNet defaults (224, bilinear, ImageNet mean/std, crop 0.875).
+    """
+    from timm.data import resolve_data_config
+
+    args = {"input_size": (3, img_size, img_size)} if img_size else {}
+    return dict(resolve_data_config(args, model=model))
+
+
+def transforms(config: dict[str, Any], *, hflip: float, scale: Sequence[float], color_jitter: float) -> tuple[Callable, Callable]:
+    """``(train_transform, eval_transform)`` from timm's ``create_transform`` for a data config.
+
+    Train: random-resized crop with ``scale``, horizontal flip with probability ``hflip``,
+    colour jitter ``color_jitter``; eval: resize to ``size / crop_pct`` then centre crop.
+    Both map a PIL RGB image to a normalised ``(3, H, W)`` float tensor.
+    """
+    from timm.data import create_transform
+
+    common = {k: config[k] for k in ("input_size", "interpolation", "mean", "std")}
+    train = create_transform(**common, is_training=True, hflip=hflip, scale=tuple(scale), color_jitter=color_jitter)
+    evaluate = create_transform(**common, is_training=False, crop_pct=config["crop_pct"],
+                                crop_mode=config.get("crop_mode"))
+    return train, evaluate
+
+
+def build_splits(
+    data: str,
+    val_data: str | None,
+    train_transform: Callable,
+    eval_transform: Callable,
+    *,
+    dataset_root: str | None = None,
+    download: bool = False,
+) -> Splits:
+    """Open the train and validation data.
+
+    Raises :class:`RetrofitError`: missing or empty folders, a class folder without images,
+    fewer than 2 classes, val classes absent from train, an unknown or missing torchvision
+    dataset.
+    """
+    if data.startswith(TORCHVISION_PREFIX):
+        if val_data is not None:
+            raise RetrofitError("--val-data applies to an ImageFolder tree, not to a torchvision dataset")
+        return _torchvision_splits(data[len(TORCHVISION_PREFIX):], train_transform, eval_transform, dataset_root, download)
+    root = Path(data)
+    if not root.is_dir():
+        raise RetrofitError(f"data folder not found: {root}")
+    if val_data is None:
+        train_root, val_root = root / "train", root / "val"
+        if not train_root.is_dir() or not val_root.is_dir():
+            missing = train_root if not train_root.is_dir() else val_root
+            raise RetrofitError(
+                f"{missing} not found: expected {root}/train/<class>/<image> and {root}/val/<class>/<image>, "
+                "or pass the train root as --data and the validation root as --val-data"
+            )
+    else:
+        train_root, val_root = root, Path(val_data)
+        if not val_root.is_dir():
+            raise RetrofitError(f"validation folder not found: {val_root}")
+    classes = _class_folders(train_root)
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise RetrofitError(f"{train_root} needs at least 2 class folders (<class>/<image>), found {found}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(_class_folders(val_root)) - set(classes))
+    if unknown:
+        raise RetrofitError(f"{val_root} has classes that {train_root} lacks: {', '.join(unknown[:5])}")
+    train = ImageTree(train_root, class_to_idx, train_transform)
+    val = ImageTree(val_root, class_to_idx, eval_transform)
+    empty = sorted(set(classes) - {classes[t] for t in train.targets})
+    if len(train) == 0:
+        raise RetrofitError(f"no images in {train_root} (looked for {_extensions()} files in its class folders)")
+    if empty:
+        raise RetrofitError(f"class folder(s) without images in {train_root}: {', '.join(empty[:5])}")
+    if len(val) == 0:
+        raise RetrofitError(f"no images in {val_root} (looked for {_extensions()} files in its class folders)")
+    return Splits(train, val, classes, f"{train_root} ({len(train)} images), {val_root} ({len(val)} images)")
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _extensions() -> str:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return "/".join(IMG_EXTENSIONS[:4]) + "/…"
+
+
+def _torchvision_splits(
+    name: str, train_transform: Callable, eval_transform: Callable, dataset_root: str | None, download: bool
+) -> Splits:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, Dataset)):
+        raise RetrofitError(f"unknown torchvision dataset {name!r} (e.g. torchvision:CIFAR10, torchvision:MNIST)")
+    root = Path(dataset_root or Path.home() / ".cache" / "retrofit" / "datasets")
+    params = inspect.signature(cls).parameters
+    if "train" in params:
+        split_args = ({"train": True}, {"train": False})
+    elif "split" in params:
+        split_args = ({"split": "train"}, {"split": "test"})
+    else:
+        raise RetrofitError(f"torchvision dataset {name} has no train/test split argument; export it as an ImageFolder")
+    try:
+        train, val = (cls(str(root), download=download, **a) for a in split_args)
+    except RuntimeError as e:
+        hint = "" if download else "; pass --download to fetch it"
+        raise RetrofitError(f"torchvision dataset {name} not found under {root}{hint} ({_one_line(e)})") from None
+    except (OSError, ValueError) as e:
+        raise RetrofitError(f"cannot open torchvision dataset {name} under {root}: {_one_line(e)}") from None
+    classes = [str(c) for c in getattr(train, "classes", [])]
+    if not classes:
+        targets = getattr(train, "targets", None) or getattr(train, "labels", None)
+        if targets is None:
+            raise RetrofitError(f"torchvision dataset {name} does not say its classes")
+        classes = [str(c) for c in sorted({int(t) for t in targets})]
+    if len(classes) < 2:
+        raise RetrofitError(f"torchvision dataset {name} has fewer than 2 classes")
+    return Splits(TorchvisionImages(train, train_transform), TorchvisionImages(val, eval_transform), classes,
+                  f"torchvision:{name} under {root} ({len(train)} train, {len(val)} test images)")
+
+
+def collate(batch: list[tuple[torch.Tensor, int] | BadImage]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[BadImage]]:
+    """Stack good samples into ``(images (N, 3, H, W), labels (N,))``; bad ones are returned apart.
+
+    Images and labels are None when every sample of the batch was bad.
+    """
+    good = [b for b in batch if not isinstance(b, BadImage)]
+    bad = [b for b in batch if isinstance(b, BadImage)]
+    if not good:
+        return None, None, bad
+    images = torch.stack([g[0] for g in good])
+    labels = torch.tensor([g[1] for g in good], dtype=torch.long)
+    return images, labels, bad
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Indices ``rank, rank + world, …`` in order: every sample evaluated exactly once across ranks.
+
+    (``DistributedSampler`` pads with repeats so ranks get equal counts, which would count some
+    validation images twice.)
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def loaders(
+    splits: Splits,
+    *,
+    batch_size: int,
+    workers: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    pin_memory: bool,
+) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+    """``(train_loader, val_loader, train_sampler)``; call ``train_sampler.set_epoch(e)`` each epoch.
+
+    Train: ``DistributedSampler`` (also for one process: the order is a function of
+    ``seed`` and the epoch alone, which makes ``--resume`` exact), last partial batch dropped
+    (a batch of one breaks BatchNorm). Val: :class:`ShardSampler`, batches of ``2·batch_size``.
+
+    Raises :class:`RetrofitError` when a rank would get fewer images than one batch.
+    """
+    per_rank = len(splits.train) // world_size
+    if per_rank < batch_size:
+        raise RetrofitError(
+            f"{len(splits.train)} training images give {per_rank} per process, fewer than --batch-size {batch_size}; "
+            "lower --batch-size"
+        )
+    sampler = DistributedSampler(splits.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    common = {"num_workers": workers, "collate_fn": collate, "pin_memory": pin_memory}
+    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    val = DataLoader(splits.val, batch_size=2 * batch_size, sampler=ShardSampler(len(splits.val), rank, world_size), **common)
+    return train, val, sampler

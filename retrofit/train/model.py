@@ -1,0 +1,165 @@
+"""The model side of fine-tuning: source → model, head replacement, parameter groups, freezing.
+
+Which parameters are *new* decides their learning rate (``new_lr_mult``) and what trains while
+the backbone is frozen: every parameter of an inserted :class:`~retrofit.blocks.ChannelGate`
+and of the classifier head. Everything else is the *backbone*.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..blocks import ChannelGate
+from ..errors import RetrofitError
+from ..models import SOURCE_MARK
+from .config import FinetuneConfig
+
+
+def load_source(config: FinetuneConfig) -> nn.Module:
+    """The model to fine-tune: a checkpoint or a model name, with ``config.block`` inserted when set.
+
+    Raises :class:`RetrofitError` (bad name, weights, checkpoint or insertion options).
+    """
+    from ..checkpoint import load_target
+    from ..surgery import add_attention
+
+    model = load_target(config.source, pretrained=config.pretrained, weights=config.weights)
+    if config.block is not None:
+        kernel = config.kernel_size
+        if isinstance(kernel, list) and len(kernel) == 1:
+            kernel = kernel[0]
+        model, _ = add_attention(
+            model,
+            config.block,
+            placement=config.placement,
+            reduction=config.reduction,
+            kernel_size=kernel,
+            groups=config.groups,
+            init=config.init,
+            include=config.include,
+            exclude=config.exclude,
+            stages=config.stages,
+        )
+    return model
+
+
+def head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """``(qualified name, module)`` of the classifier: timm's ``get_classifier()``, else the last ``nn.Linear``.
+
+    Raises :class:`RetrofitError` when the model has no linear classifier.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        module = get()
+        if isinstance(module, nn.Linear) and id(module) in names:
+            return names[id(module)], module
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise RetrofitError(f"{type(model).__name__} has no linear classifier head to fine-tune")
+    return linears[-1]
+
+
+def num_classes(model: nn.Module) -> int:
+    """Output classes of the head (its ``out_features``)."""
+    return head(model)[1].out_features
+
+
+def replace_head(model: nn.Module, classes: int) -> bool:
+    """Give ``model`` a fresh ``classes``-way head when its class count differs; True when replaced.
+
+    timm models use ``reset_classifier(classes)``; others get a new ``nn.Linear`` (same input
+    width and bias) in place of their last one. The source record's ``num_classes`` kwarg is
+    updated, so :func:`retrofit.load_checkpoint` rebuilds the new head. The new head is
+    PyTorch-default initialised (seeded by the caller).
+    """
+    name, old = head(model)
+    if old.out_features == classes:
+        return False
+    source = dict(getattr(model, SOURCE_MARK, None) or {})
+    if source.get("zoo") == "timm" and hasattr(model, "reset_classifier"):
+        model.reset_classifier(classes)
+        _, new = head(model)
+        new.to(old.weight.device, old.weight.dtype)
+    else:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = nn.Linear(old.in_features, classes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        setattr(parent, attr, new)
+    if head(model)[1].out_features != classes:
+        raise RetrofitError(f"could not replace the head of {type(model).__name__} with a {classes}-class one")
+    if source:
+        source["kwargs"] = {**dict(source.get("kwargs") or {}), "num_classes": classes}
+        setattr(model, SOURCE_MARK, source)
+    return True
+
+
+def new_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of inserted blocks (``ChannelGate``) and of the head."""
+    prefixes = [n for n, m in model.named_modules() if isinstance(m, ChannelGate)]
+    prefixes.append(head(model)[0])
+    return {n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in prefixes)}
+
+
+def gate_parameter_names(model: nn.Module) -> set[str]:
+    prefixes = [n for n, m in model.named_modules() if isinstance(m, ChannelGate)]
+    return {n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in prefixes)}
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, new_lr_mult: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: {backbone, new} × {decay, no decay}, empty ones dropped.
+
+    No weight decay on 0-/1-D tensors (norm scales and shifts, biases) and on gate parameters:
+    like norm scales they set per-channel gains, and decay would only bias those gains towards
+    the input-independent gate (timm's ``no_weight_decay`` lists follow the same idea). New parameters get
+    ``lr_scale = new_lr_mult``, which timm's schedulers multiply into each group's lr. Each
+    group carries ``names`` (parameter names, in order) for name-keyed optimizer state.
+    """
+    new = new_parameter_names(model)
+    gates = gate_parameter_names(model)
+    buckets: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
+    for name, p in model.named_parameters():
+        decay = p.ndim > 1 and name not in gates
+        buckets.setdefault((name in new, decay), []).append((name, p))
+    groups = []
+    for is_new in (False, True):
+        for decay in (True, False):
+            items = buckets.get((is_new, decay))
+            if items:
+                groups.append({
+                    "params": [p for _, p in items],
+                    "names": [n for n, _ in items],
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "lr_scale": new_lr_mult if is_new else 1.0,
+                })
+    return groups
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (``requires_grad=False``) or unfreeze every parameter that is not new."""
+    new = new_parameter_names(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen or name in new)
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """Put every BatchNorm in eval mode: it normalises with, and no longer updates, its running stats.
+
+    Call after ``model.train()``; the next ``train()`` call undoes it.
+    """
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+
+
+def describe_source(config: FinetuneConfig) -> str:
+    """Short text of what is being fine-tuned, for the start line."""
+    what = Path(config.source).name if config.source.endswith(".safetensors") else config.source
+    if config.block:
+        what += f" + {config.block} ({config.placement}, {config.init} init)"
+    return what
