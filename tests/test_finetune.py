@@ -1,0 +1,354 @@
+"""`retrofit finetune` (issue 5): the six acceptance items, plus the one-line errors.
+
+Real inputs only: the scikit-learn digits written as an ImageFolder tree and the real
+EfficientNet-Lite0 ImageNet weights. Runs use 32-px inputs, so a CPU finishes in minutes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from retrofit import load_checkpoint, read_recipe
+from retrofit.checkpoint import save_checkpoint
+from retrofit.cli import app
+from retrofit.models import load_model
+from retrofit.train.digits import write_digits
+from retrofit.train.loop import Trainer
+from retrofit.train.model import replace_head
+
+RETROFIT = str(Path(sys.executable).parent / "retrofit")
+#: Augmentation for 8×8 digits: no flips (a flipped 2 is no 2), mild crops.
+DIGIT_AUG = ["--hflip", "0", "--scale", "0.5,1", "--workers", "0", "--img-size", "32"]
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_one_line_error(result, *fragments):
+    """Non-zero exit and exactly one line on stderr (stdout may hold the progress lines before it)."""
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    assert write_digits(root) == {"train": 1437, "val": 360}
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits, tmp_path_factory) -> Path:
+    """10 train and 5 val images per class: 100 / 50 images."""
+    root = tmp_path_factory.mktemp("small_digits")
+    for split, n in (("train", 10), ("val", 5)):
+        for cls in sorted((digits / split).iterdir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f, root / split / cls.name / f.name)
+    return root
+
+
+# ------------------------------------------------------------------ 1, 6: the digits run
+@pytest.fixture(scope="module")
+def digits_run(digits, lite0_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits_run") / "run"
+    result = run("finetune", "tf_efficientnet_lite0", "--weights", lite0_weights, "--block", "eca",
+                 "--data", digits, "--epochs", 2, "-b", 32, "--lr", 2e-3, "--warmup-epochs", 0, *DIGIT_AUG, "-o", out)
+    return result, out
+
+
+@pytest.mark.slow
+def test_digits_lite0_eca_reaches_half_top1(digits_run, digits):
+    result, out = digits_run
+    assert result.exit_code == 0, result.output
+    history = rows(out)
+    assert [r["epoch"] for r in history] == ["1", "2"]
+    assert float(history[-1]["val_top1"]) >= 0.5, history
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    last, best = load_checkpoint(out / "last.safetensors"), load_checkpoint(out / "best.safetensors")
+    assert read_recipe(out / "last.safetensors").block == "eca"
+    assert sum(".eca." in k for k in last.state_dict()) == 9  # ECA at Lite0's 9 residual sites
+    # best.safetensors is the model that scored best: re-evaluate it with timm's eval transform
+    summary = json.loads((out / "summary.json").read_text())
+    extra = read_recipe(out / "best.safetensors").extra["finetune"]
+    assert extra["epoch"] == summary["best"]["epoch"]
+    from PIL import Image
+    from timm.data import create_transform
+
+    cfg = extra["data_config"]
+    transform = create_transform(tuple(cfg["input_size"]), interpolation=cfg["interpolation"], mean=tuple(cfg["mean"]),
+                                 std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
+    files = sorted((digits / "val").glob("*/*.png"))
+    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    labels = torch.tensor([extra["classes"].index(f.parent.name) for f in files])
+    with torch.no_grad():
+        correct = (best(images).argmax(1) == labels).sum().item()
+    assert correct == round(summary["best"]["top1"] * len(files))
+
+
+@pytest.mark.slow
+def test_head_1000_to_10_is_replaced_and_reloads(digits_run, lite0_weights):
+    result, out = digits_run
+    assert result.exit_code == 0, result.output
+    assert load_file(str(lite0_weights))["classifier.weight"].shape == (1000, 1280)
+    config = json.loads((out / "config.json").read_text())
+    assert config["head"] == {"classes_before": 1000, "classes": 10, "replaced": True}
+    assert config["classes"] == [str(i) for i in range(10)]
+    recipe = read_recipe(out / "last.safetensors")
+    assert recipe.source["kwargs"]["num_classes"] == 10 and recipe.source["weights"] == "file:lite0.safetensors"
+    model = load_checkpoint(out / "last.safetensors")
+    assert model.get_classifier().weight.shape == (10, 1280)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+    saved = load_file(str(out / "last.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------ 2: resume
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_run(small_digits, lite0_weights, tmp_path):
+    common = ["finetune", "tf_efficientnet_lite0", "--weights", lite0_weights, "--block", "eca", "--data", small_digits,
+              "--epochs", 2, "-b", 25, "--lr", 2e-3, "--warmup-epochs", 0.5, "--ema", "--seed", 3, *DIGIT_AUG]
+    straight = run(*common, "-o", tmp_path / "straight")
+    assert straight.exit_code == 0, straight.output
+    first = run(*common, "-o", tmp_path / "split", "--until-epoch", 1)
+    assert first.exit_code == 0, first.output
+    assert "continue with --resume" in first.output and len(rows(tmp_path / "split")) == 1
+    second = run(*common, "-o", tmp_path / "split", "--resume")
+    assert second.exit_code == 0, second.output
+    for name in ("last.safetensors", "ema.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "split" / name))
+        assert a.keys() == b.keys()
+        diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+        assert diff <= 1e-6, (name, diff)
+    before = load_file(str(lite0_weights))["blocks.6.0.conv_pwl.weight"]
+    assert not torch.equal(a["blocks.6.0.conv_pwl.weight"], before)  # it did train
+    metrics = ("train_loss", "val_loss", "val_top1", "ema_val_top1")
+    assert [[r[m] for m in metrics] for r in rows(tmp_path / "straight")] == \
+           [[r[m] for m in metrics] for r in rows(tmp_path / "split")]
+
+
+# ------------------------------------------------------------------ 3: torchrun
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_agree_and_write_once(small_digits, lite0_weights, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--no-python", RETROFIT, "finetune", "tf_efficientnet_lite0", "--weights", str(lite0_weights),
+           "--block", "eca", "--data", str(small_digits), "--epochs", "2", "-b", "10", "--lr", "2e-3",
+           "--warmup-epochs", "0", *DIGIT_AUG, "-o", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    digests = summary["rank_weight_digests"]
+    with safe_open(str(out / "last.safetensors"), framework="pt") as f:
+        saved = f.metadata()["retrofit.sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1] == saved  # both ranks hold exactly the saved weights
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "best.safetensors", "config.json", "curves.png", "last.safetensors", "metrics.csv", "summary.json",
+        "trainer_state.safetensors"])
+    assert [r["epoch"] for r in rows(out)] == ["1", "2"]
+    assert proc.stdout.count("epoch 2/2 ·") == 1  # one rank prints
+    load_checkpoint(out / "last.safetensors")
+
+
+# ------------------------------------------------------------------ 4: SIGKILL
+@pytest.mark.slow
+def test_sigkill_during_training_leaves_a_loadable_last(small_digits, lite0_weights, tmp_path):
+    out = tmp_path / "killed"
+    args = ["finetune", "tf_efficientnet_lite0", "--weights", str(lite0_weights), "--data", str(small_digits),
+            "--epochs", "3", "-b", "20", "--lr", "1e-3", *DIGIT_AUG, "-o", str(out)]
+    proc = subprocess.Popen([RETROFIT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "last.safetensors").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside a later epoch, possibly mid-write
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    model = load_checkpoint(out / "last.safetensors")
+    epoch = read_recipe(out / "last.safetensors").extra["finetune"]["epoch"]
+    assert 1 <= epoch < 3 and model.get_classifier().out_features == 10
+    resumed = run(*args, "--resume")  # nothing lost: the run completes from where it was killed
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["epoch"] for r in rows(out)] == ["1", "2", "3"]
+    assert not list(out.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ 5: frozen backbone
+@pytest.mark.slow
+def test_freeze_backbone_epoch_keeps_pretrained_weights_and_bn_stats(small_digits, lite0_weights, tmp_path):
+    # a source whose head already has 10 classes, so the head's starting values are known
+    model, _, _ = load_model("tf_efficientnet_lite0", weights=lite0_weights)
+    replace_head(model, 10)
+    source = save_checkpoint(model, tmp_path / "lite0-10.safetensors")
+    start = load_file(str(source))
+    out = tmp_path / "frozen"
+    result = run("finetune", source, "--block", "eca", "--data", small_digits, "--epochs", 2,
+                 "--freeze-backbone-epochs", 1, "--until-epoch", 1, "-b", 25, "--lr", 1e-3, *DIGIT_AUG, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "backbone frozen" in result.output
+    after = load_file(str(out / "last.safetensors"))
+    pretrained = [k for k in start if not k.startswith("classifier.")]
+    assert any(k.endswith("running_var") for k in pretrained) and any(k.endswith("num_batches_tracked") for k in pretrained)
+    unchanged = [k for k in pretrained if torch.equal(after[k], start[k])]
+    assert unchanged == pretrained
+    gates = [k for k in after if ".eca." in k]
+    assert len(gates) == 9 and all(after[k].abs().sum() > 0 for k in gates)  # identity init is all zeros
+    assert not torch.equal(after["classifier.weight"], start["classifier.weight"])
+    assert not torch.equal(after["classifier.bias"], start["classifier.bias"])
+    # the second epoch trains the backbone too
+    result = run("finetune", source, "--block", "eca", "--data", small_digits, "--epochs", 2,
+                 "--freeze-backbone-epochs", 1, "-b", 25, "--lr", 1e-3, *DIGIT_AUG, "-o", out, "--resume")
+    assert result.exit_code == 0, result.output
+    final = load_file(str(out / "last.safetensors"))
+    assert not torch.equal(final["blocks.6.0.conv_pwl.weight"], start["blocks.6.0.conv_pwl.weight"])
+    assert not torch.equal(final["bn2.running_mean"], start["bn2.running_mean"])
+
+
+# ------------------------------------------------------------------ errors
+def test_missing_data_folder(tmp_path):
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "nowhere", "-o", tmp_path / "o")
+    assert_one_line_error(result, "data folder not found", "nowhere")
+
+
+def test_data_without_train_split(tmp_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")
+    assert_one_line_error(result, "train not found", "--val-data")
+
+
+def test_fewer_than_two_classes(small_digits, tmp_path):
+    for split in ("train", "val"):
+        shutil.copytree(small_digits / split / "3", tmp_path / "d" / split / "3")
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")
+    assert_one_line_error(result, "at least 2 class folders", "only '3'")
+
+
+def test_class_folders_without_images(tmp_path):
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")
+    assert_one_line_error(result, "no images in", "train")
+
+
+def test_unreadable_image_is_named_or_skipped_with_a_count(small_digits, tmp_path):
+    data = tmp_path / "d"
+    shutil.copytree(small_digits, data)
+    (data / "val" / "4" / "broken.png").write_bytes(b"this is not a png")
+    common = ["finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", data, "--epochs", 1, "-b", 50,
+              *DIGIT_AUG]
+    result = run(*common, "-o", tmp_path / "stop")
+    assert_one_line_error(result, "cannot read image", "broken.png", "--skip-bad-images")
+    assert not (tmp_path / "stop" / "last.safetensors").exists()
+    result = run(*common, "-o", tmp_path / "skip", "--skip-bad-images")
+    assert result.exit_code == 0, result.output
+    assert rows(tmp_path / "skip")[0]["skipped_images"] == "1"
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_epoch(small_digits, tmp_path, monkeypatch):
+    prepare = Trainer.prepare
+
+    def nan_on_seventh_batch(self, model, batches_per_epoch):
+        prepare(self, model, batches_per_epoch)
+        criterion, calls = self.criterion, []
+
+        def loss(logits, labels):
+            calls.append(1)
+            value = criterion(logits, labels)
+            return value * float("nan") if len(calls) == 7 else value
+
+        self.criterion = loss
+
+    monkeypatch.setattr(Trainer, "prepare", nan_on_seventh_batch)
+    out = tmp_path / "o"
+    result = run("finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "--epochs", 3,
+                 "-b", 25, *DIGIT_AUG, "-o", out)
+    # 4 batches per epoch: batch 7 is epoch 2, batch 3
+    assert_one_line_error(result, "loss became nan at step 7 (epoch 2, batch 3)", "still holds epoch 1")
+    assert read_recipe(out / "last.safetensors").extra["finetune"]["epoch"] == 1
+    assert len(rows(out)) == 1
+
+
+def test_cuda_out_of_memory_suggests_a_batch_size(small_digits, tmp_path, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", out_of_memory)
+    result = run("finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "--epochs", 1,
+                 "-b", 50, *DIGIT_AUG, "-o", tmp_path / "o")
+    assert_one_line_error(result, "out of memory at --batch-size 50", "try --batch-size 25")
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_same_settings(small_digits, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "last.safetensors").write_bytes(b"precious")
+    common = ["finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "-b", 50, *DIGIT_AUG]
+    result = run(*common, "-o", out)
+    assert_one_line_error(result, "already holds a run", "--resume", "--overwrite")
+    assert (out / "last.safetensors").read_bytes() == b"precious"
+    result = run(*common, "-o", out, "--resume")
+    assert_one_line_error(result, "nothing to resume")
+    assert (out / "last.safetensors").read_bytes() == b"precious"
+    result = run(*common, "-o", out, "--overwrite", "--epochs", 2, "--until-epoch", 1)
+    assert result.exit_code == 0, result.output
+    result = run(*common, "-o", out, "--resume", "--epochs", 2, "--lr", 0.1)
+    assert_one_line_error(result, "--lr is 0.1 but the run being resumed used 0.001")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--epochs", "0"], "--epochs must be ≥ 1"),
+    (["--scale", "0.5"], "--scale takes 2 numbers"),
+    (["--optimizer", "lamb"], "unknown optimizer 'lamb'"),
+    (["--placement", "pre"], "--placement applies only with --block"),
+    (["--block", "cbam"], "unknown block 'cbam'"),
+    (["--until-epoch", "5", "--epochs", "2"], "--until-epoch must be between 1 and --epochs"),
+])
+def test_bad_options_are_one_line_errors(args, fragment, tmp_path):
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path, "-o", tmp_path / "o", *args)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_write_digits_is_deterministic(tmp_path):
+    write_digits(tmp_path / "a")
+    write_digits(tmp_path / "b")
+    a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
+    assert a == b and len(a) == 1797
+    assert len(list((tmp_path / "a" / "val").rglob("*.png"))) == 360
+    assert (tmp_path / "a" / "train" / "0" / "0000.png").read_bytes() == (tmp_path / "b" / "train" / "0" / "0000.png").read_bytes()
