@@ -16,7 +16,7 @@ import typer
 
 from .add import (
     ExcludeOpt, GroupsOpt, IncludeOpt, InitOpt, JsonOpt, KernelOpt, NoPretrainedOpt, PlacementOpt, ReductionOpt,
-    StagesOpt, WeightsOpt,
+    ReplaceOpt, StagesOpt, WeightsOpt,
 )
 from .app import app, fail, handle_errors, parse_ints
 
@@ -64,6 +64,7 @@ def finetune(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     stages: StagesOpt = None,
+    replace_existing: ReplaceOpt = False,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sgd (Nesterov momentum).")] = "adamw",
@@ -100,7 +101,7 @@ def finetune(
     """Fine-tune SOURCE on an image dataset; write last/best checkpoints, metrics.csv and curves.png."""
     insertion = {"--placement": placement != "standard", "--init": init != "identity", "--reduction": reduction != 16,
                  "--kernel-size": kernel_size is not None, "--groups": groups is not None, "--include": bool(include),
-                 "--exclude": bool(exclude), "--stages": stages is not None}
+                 "--exclude": bool(exclude), "--stages": stages is not None, "--replace-existing": replace_existing}
     if block is None and any(insertion.values()):
         fail(f"{next(k for k, v in insertion.items() if v)} applies only with --block")
     if block is not None:
@@ -115,7 +116,8 @@ def finetune(
         val_data=str(val_data) if val_data else None, block=block, placement=placement, init=init,
         reduction=reduction, kernel_size=kernels[0] if kernels and len(kernels) == 1 else kernels, groups=groups,
         include=list(include) if include else None, exclude=list(exclude) if exclude else None,
-        stages=parse_ints(stages, "--stages"), weights=str(weights) if weights else None, pretrained=not no_pretrained,
+        stages=parse_ints(stages, "--stages"), replace_existing=replace_existing,
+        weights=str(weights) if weights else None, pretrained=not no_pretrained,
         dataset_root=str(dataset_root) if dataset_root else None, download=download, img_size=img_size,
         hflip=hflip, scale=_floats(scale, "--scale", 2), color_jitter=color_jitter, skip_bad_images=skip_bad_images,
         workers=min(4, os.cpu_count() or 1) if workers is None else workers, epochs=epochs, batch_size=batch_size,

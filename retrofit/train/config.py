@@ -26,9 +26,9 @@ class FinetuneConfig:
     Model:
         source: a retrofit checkpoint (``*.safetensors``) or a model name (timm, ``torchvision:``,
             ``hf-hub:``). block: insert this block first (``eca``, ``se``, …; None = none);
-            placement, init, reduction, kernel_size, groups, include, exclude, stages: as
-            :func:`retrofit.add_attention`. weights: local weights file for a model name;
-            pretrained: False for random init.
+            placement, init, reduction, kernel_size, groups, include, exclude, stages,
+            replace_existing: as :func:`retrofit.add_attention`. weights: local weights file
+            for a model name; pretrained: False for random init.
     Data:
         data: ImageFolder root holding ``train/`` and ``val/`` (or the train root when
             ``val_data`` is given), or ``torchvision:NAME`` (e.g. ``torchvision:CIFAR10``).
@@ -62,6 +62,7 @@ class FinetuneConfig:
     include: list[str] | None = None
     exclude: list[str] | None = None
     stages: list[int] | None = None
+    replace_existing: bool = False
     weights: str | None = None
     pretrained: bool = True
     dataset_root: str | None = None
@@ -150,8 +151,8 @@ class FinetuneConfig:
 #: Runtime-only settings (output, workers, until_epoch, resume, overwrite, download, …) may change.
 RESUME_FIELDS = (
     "source", "data", "val_data", "block", "placement", "init", "reduction", "kernel_size", "groups", "include",
-    "exclude", "stages", "weights", "pretrained", "img_size", "hflip", "scale", "color_jitter", "epochs",
-    "batch_size", "optimizer", "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum", "label_smoothing",
+    "exclude", "stages", "replace_existing", "weights", "pretrained", "img_size", "hflip", "scale", "color_jitter",
+    "epochs", "batch_size", "optimizer", "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum", "label_smoothing",
     "new_lr_mult", "freeze_backbone_epochs", "accum_steps", "clip_grad", "ema", "ema_decay", "seed", "precision",
 )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import random
 import time
@@ -143,7 +144,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def _check_output(self) -> None:
-        """Refuse to overwrite a previous run unless asked; with --overwrite, clear its files."""
+        """Refuse to overwrite a previous run unless --overwrite (then cleared once setup succeeds) or --resume."""
         previous = [name for name in RUN_FILES if (self.out / name).exists()]
         if self.config.resume:
             if not (self.out / STATE_FILE).is_file() or not (self.out / LAST).is_file():
@@ -153,14 +154,17 @@ class Trainer:
                 f"{self.out} already holds a run ({', '.join(previous[:3])}); pass --resume to continue it, "
                 "--overwrite to start over, or another --output"
             )
+        self.previous = previous
+
+    def _clear_output(self) -> None:
+        """After a successful setup: remove temporary files of killed writes and, with --overwrite, the old run."""
         distributed.barrier(self.d)
         if self.d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             for name in RUN_FILES:
                 for stale in self.out.glob(f".{name}.*.tmp"):  # left by a killed atomic write
                     stale.unlink(missing_ok=True)
             if self.config.overwrite:
-                for name in previous:
+                for name in self.previous:
                     (self.out / name).unlink(missing_ok=True)
         distributed.barrier(self.d)
 
@@ -286,8 +290,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # BN statistics stay per rank during an epoch and are averaged at its end
-            wrapped = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            # BN statistics stay per rank during an epoch and are averaged at its end (newer torch
+            # renames broadcast_buffers to forward_sync_buffers)
+            params = inspect.signature(DistributedDataParallel.__init__).parameters
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+            wrapped = DistributedDataParallel(self.model, device_ids=ids, **no_sync)
         if self.config.compile:
             wrapped = torch.compile(wrapped)
         self.forward_model = wrapped
@@ -458,6 +465,7 @@ class Trainer:
         cfg, d = self.config, self.d
         self._check_output()
         self._build()
+        self._clear_output()
         stop = cfg.until_epoch or cfg.epochs
         if self.d.is_main and not cfg.resume:
             write_json(self.out / "config.json", self._run_record())

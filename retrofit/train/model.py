@@ -44,6 +44,7 @@ def load_source(config: FinetuneConfig) -> nn.Module:
             include=config.include,
             exclude=config.exclude,
             stages=config.stages,
+            replace_existing=config.replace_existing,
         )
     return model
 
