@@ -248,16 +248,44 @@ def split_operands(add: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
 
     The unit input is the nearest common ancestor (smallest summed distance); the shortcut is
     the operand nearer to it. Ties (two parallel branches of equal length) keep argument order.
+    Without a common ancestor, an operand that is itself an argument of the forward is a
+    shortcut handed in by the caller, and the other operand's nearest argument the unit input.
     """
     a, b = add.args[0], add.args[1]
     da, db = _distances(a), _distances(b)
     common = [n for n in da if n in db and n.op != "get_attr"]
     if not common:
+        # The caller computed the shortcut and passed it in (DLA: ``tree1(x, shortcut)``): the
+        # operand that is an argument is the shortcut, the other one's input the unit's input.
+        for shortcut, branch, dist in ((b, a, da), (a, b, db)):
+            inputs = [n for n in dist if n.op == "placeholder" and n is not branch]
+            if shortcut.op == "placeholder" and inputs:
+                return branch, shortcut, min(inputs, key=dist.__getitem__)
         return None
     ancestor = min(common, key=lambda n: (da[n] + db[n], da[n]))
     if da[ancestor] < db[ancestor]:
         return b, a, ancestor
     return a, b, ancestor
+
+
+def _outermost(found: list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+    """Drop additions nested inside another addition's residual branch.
+
+    ``found`` holds ``(add, branch, shortcut, unit_input)``. An addition whose result feeds the
+    residual branch of another one but not its shortcut is part of that unit's branch (Res2Net's
+    hierarchical ``sp + spx[i]`` inside a bottleneck), not a residual unit of its own. Additions
+    in sequence (``x = x + f(x); x = x + g(x)``: the first feeds both operands of the second)
+    are all kept.
+    """
+    ancestors = {add: (set(_distances(branch)), set(_distances(shortcut))) for add, branch, shortcut, _ in found}
+    return [
+        entry
+        for entry in found
+        if not any(
+            other is not entry[0] and entry[0] in on_branch and entry[0] not in on_shortcut
+            for other, (on_branch, on_shortcut) in ancestors.items()
+        )
+    ]
 
 
 def branch_gate_input(graph_module: fx.GraphModule, branch: fx.Node) -> fx.Node:
@@ -533,7 +561,7 @@ def find_sites(
                 fail("its traced graph does not reproduce its output (Python-side state or in-place argument updates)")
                 continue
             shapes = recorder.shapes
-            index = 0
+            found: list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]] = []
             for add in adds:
                 a, b = add.args[0], add.args[1]
                 sa, sb = shapes.get(a), shapes.get(b)
@@ -546,13 +574,15 @@ def find_sites(
                 in_shape = shapes.get(unit_input)
                 if in_shape is not None and not is_feature_map(in_shape, input_size):
                     continue  # e.g. attention logits or a conv position encoding of 3-D tokens
-                gate_in = branch_gate_input(gm, branch)
+                found.append((add, branch, shortcut, unit_input))
+            for index, (add, branch, shortcut, unit_input) in enumerate(_outermost(found)):
+                sa, in_shape = shapes[add.args[0]], shapes.get(unit_input)
                 sites.append(
                     Site(
                         owner=path,
                         index=index,
                         add_node=add.name,
-                        residual_branch=gate_in.name,
+                        residual_branch=branch_gate_input(gm, branch).name,
                         shortcut=shortcut.name,
                         unit_input=unit_input.name,
                         projection=_skip_identity(gm, shortcut) is not unit_input,
@@ -564,5 +594,4 @@ def find_sites(
                         fixed_args=tuple(fixed.items()),
                     )
                 )
-                index += 1
     return sites, failures
