@@ -1,0 +1,700 @@
+"""Coverage of the zoos: does retrofit work on every timm and torchvision classification model?
+
+For each architecture (random init, ``pretrained=False``, eval mode, one CPU thread):
+
+1. build it and find the smallest input it accepts (64×64 first, then 96, 128, then the
+   model's default size);
+2. take an **addition census** of one forward pass: every tensor addition, attributed to the
+   module whose own code performs it, sorted into 4-D feature-map additions of two activations
+   of the same shape (residual-like), token additions (2-D/3-D, transformers) and others;
+3. ``retrofit.add_attention(model, "eca")`` with identity init, at that input size;
+4. check that eval-mode outputs equal the original's (max |Δ| ≤ 1e-5 · max(1, max|y|)), and
+   train-mode outputs too (same RNG seed, so dropout / drop-path draw the same masks);
+5. ``save_checkpoint`` to a temporary folder, ``load_checkpoint``, and compare eval outputs again.
+
+Each model ends in one outcome:
+
+* ``pass`` — sites inserted, outputs unchanged, checkpoint round trip exact;
+* ``no-site`` — ``add_attention`` refuses with "no residual site" and the census agrees: the
+  model adds no 4-D feature maps (``tokens-only``: transformers, whose residuals are 3-D token
+  additions and are not sites; ``no-additions``: VGG, DenseNet, …; ``other-additions``);
+* ``fail`` — anything else, with the error: an engine exception, a refusal of a model whose
+  census has residual additions, or (a bug) outputs that differ;
+* ``skip`` — the sweep could not judge the model: too large for the sweep machine, over the
+  time budget, or the *original* model does not run.
+
+Usage (results are appended to a JSON-lines file, so a sweep can be stopped and resumed)::
+
+    python benchmarks/coverage.py run                      # every model of both zoos
+    python benchmarks/coverage.py run --zoo torchvision --models resnet50,vgg11
+    python benchmarks/coverage.py report                   # writes docs/coverage.md
+
+``run`` starts a worker process and restarts it after a model runs past ``--budget`` seconds or
+crashes the interpreter, so one model cannot stall the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "coverage.jsonl"
+DOC = ROOT / "docs" / "coverage.md"
+#: Models with more parameters are skipped: a checkpoint round trip holds about three fp32
+#: copies at once, more than the sweep machine (23 GiB, shared) can spare.
+MAX_PARAMS = 1_000_000_000
+SMALL_SIDES = (64, 96, 128)
+RTOL = 1e-5
+#: How an allocation refused by the worker's memory limit shows up in torch's errors.
+_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "bad_alloc", "MemoryError")
+
+
+# --------------------------------------------------------------------------- model lists
+
+
+def list_architectures(zoo: str) -> list[tuple[str, str]]:
+    """``(zoo, name)`` of every classification architecture of ``zoo`` (``timm``/``torchvision``/``all``)."""
+    out: list[tuple[str, str]] = []
+    if zoo in ("torchvision", "all"):
+        import torchvision
+
+        out += [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
+    if zoo in ("timm", "all"):
+        import timm
+
+        out += [("timm", n) for n in timm.list_models()]
+    return out
+
+
+def family_of(zoo: str, name: str) -> str:
+    """The source module that defines the architecture: timm ``resnet``, torchvision ``tv.resnet``."""
+    if zoo == "torchvision":
+        import torchvision
+
+        return "tv." + torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+    return _timm_families().get(name, "?")
+
+
+_FAMILIES: dict[str, str] = {}
+
+
+def _timm_families() -> dict[str, str]:
+    if not _FAMILIES:
+        import timm
+
+        for module in timm.list_modules():
+            for name in timm.list_models(module=module):
+                _FAMILIES.setdefault(name, module)
+    return _FAMILIES
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def count_params(zoo: str, name: str) -> int | None:
+    """Parameter count from a build on the ``meta`` device (no memory, no init); None if that fails."""
+    import torch
+
+    from retrofit.models import ModelSpec, build
+
+    try:
+        with torch.device("meta"):
+            model = build(ModelSpec(name if zoo == "timm" else f"torchvision:{name}", zoo))
+    except Exception:
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def _flat(out: Any) -> list:
+    """The tensors of a model output (a tensor, or nested tuples/lists/dicts of them)."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flat(v)]
+    return []
+
+
+def max_difference(reference: Any, output: Any) -> float:
+    """Largest |Δ| between two outputs relative to ``max(1, max|reference|)``; ``inf`` on a shape
+    mismatch or when NaN/inf appear in different places."""
+    import torch
+
+    ref, got = _flat(reference), _flat(output)
+    if len(ref) != len(got) or not ref:
+        return math.inf
+    worst = 0.0
+    for a, b in zip(ref, got):
+        if a.shape != b.shape:
+            return math.inf
+        a, b = a.double(), b.double()
+        finite = torch.isfinite(a)
+        if not torch.equal(finite, torch.isfinite(b)) or not torch.equal(a[~finite].nan_to_num(), b[~finite].nan_to_num()):
+            return math.inf
+        if finite.any():
+            scale = max(1.0, a[finite].abs().max().item())
+            worst = max(worst, (a[finite] - b[finite]).abs().max().item() / scale)
+    return worst
+
+
+def _input_sizes(model: Any) -> list[tuple[int, int, int]]:
+    from retrofit.graph import default_input_size
+
+    default = tuple(default_input_size(model))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels = default[0]
+    if cfg.get("fixed_input_size"):
+        return [default]
+    smallest = cfg.get("min_input_size") or (channels, 0, 0)
+    sizes = [(channels, max(s, smallest[1]), max(s, smallest[2])) for s in SMALL_SIDES]
+    sizes = [s for s in dict.fromkeys(sizes) if s[1] < default[1] or s[2] < default[2]]
+    return sizes + [default]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def _example(size: tuple[int, int, int]):
+    import torch
+
+    return torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+
+
+def _forward(model: Any, x: Any, train: bool = False) -> Any:
+    import torch
+
+    model.train(train)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = model(x)
+    model.eval()
+    return out
+
+
+def _restore(buffers: list) -> None:
+    import torch
+
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+
+
+class _OriginalFails(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def build_and_probe(zoo: str, name: str) -> tuple[Any, dict[str, Any], tuple[int, int, int], Any]:
+    """Build the model (random init, seed 0) and find the smallest input it runs on.
+
+    Tries 64, 96, 128 px as built, then — for timm models whose size is fixed by their position
+    embeddings — a build with ``img_size=64`` or ``128`` (the same architecture with a smaller
+    embedding table; the kwarg is recorded in the checkpoint's recipe), then the default size.
+
+    Returns ``(model, kwargs, (C, H, W), eval output)``; raises :class:`_OriginalFails`.
+    """
+    import torch
+
+    from retrofit import load_model
+
+    def build(**kwargs: Any) -> Any:
+        torch.manual_seed(0)
+        try:
+            return load_model(name if zoo == "timm" else f"torchvision:{name}", pretrained=False, **kwargs)[0]
+        except Exception as e:
+            raise _OriginalFails("build-error", _first_line(e)) from e
+
+    if zoo == "timm" and _fixed_input_size(name):
+        for side in (64, 128):
+            try:
+                small = build(img_size=side)
+                size = (small.pretrained_cfg.get("input_size", (3,))[0], side, side)
+                return small, {"img_size": side}, size, _forward(small, _example(size))
+            except Exception:
+                pass
+    model = build()
+    sizes = _input_sizes(model)
+    for size in sizes[:-1]:
+        try:
+            return model, {}, size, _forward(model, _example(size))
+        except Exception:
+            pass
+    if zoo == "timm":
+        for side in (64, 128):
+            size = (sizes[-1][0], side, side)
+            if side >= sizes[-1][1]:
+                break
+            try:
+                small = build(img_size=side)
+                return small, {"img_size": side}, size, _forward(small, _example(size))
+            except Exception:
+                pass
+    try:
+        return model, {}, sizes[-1], _forward(model, _example(sizes[-1]))
+    except Exception as e:
+        raise _OriginalFails("original-fails", _first_line(e)) from e
+
+
+def _fixed_input_size(name: str) -> bool:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return bool(cfg and cfg.fixed_input_size)
+
+
+def addition_census(model: Any, x: Any) -> dict[str, Any]:
+    """Every tensor addition of one eval forward, attributed to the module whose own code does it.
+
+    Returns ``{"residual": {owner: n}, "channels_last": n, "tokens": n, "other": n}``:
+    ``residual`` counts additions of two activations of the same ``(N, C, H, W)`` shape
+    (parameters and buffers excluded — those are biases and positional embeddings) in a module
+    whose input is an ``(N, C, H, W)`` map too (so not attention logits of token models);
+    ``channels_last`` other 4-D additions of two same-shape activations (Swin-style
+    ``(N, H, W, C)`` maps, windows, attention logits ``(N, heads, L, L)``),
+    ``tokens`` 2-D/3-D additions, ``other`` the rest (broadcasts, scalars). Unlike retrofit's
+    fx analysis this sees inside modules that cannot be traced, so it tells whether a model
+    that yields no site really has none.
+    """
+    from retrofit.graph import is_feature_map
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    adds = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__iadd__,
+            torch.Tensor.__radd__}
+    constants = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    stack = [("", False)]  # (module path, whether its first input is an (N, C, H, W) map)
+    residual: Counter = Counter()
+    counts = Counter()
+
+    class Census(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in adds and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
+                a, b = args[0], args[1]
+                if id(a) in constants or id(b) in constants or a.shape != b.shape:
+                    counts["other"] += 1
+                elif stack[-1][1] and is_map(a):
+                    residual[stack[-1][0]] += 1
+                elif a.dim() == 4:
+                    counts["channels_last"] += 1
+                elif a.dim() in (2, 3):
+                    counts["tokens"] += 1
+                else:
+                    counts["other"] += 1
+            return func(*args, **(kwargs or {}))
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        stack.pop()
+
+    def is_map(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and is_feature_map(t.shape, tuple(x.shape[1:]))
+
+    def enter(module: Any, args: tuple, path: str) -> None:
+        stack.append((path, bool(args) and is_map(args[0])))
+
+    handles = []
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, path=path: enter(m, a, path)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with Census(), torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"residual": dict(residual), **{k: counts[k] for k in ("channels_last", "tokens", "other")}}
+
+
+def check_model(zoo: str, name: str, workdir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the whole check on one architecture and return its JSON-ready record.
+
+    Keys: ``zoo``, ``name``, ``family``, ``params``, ``input_size``, ``status`` (``pass``,
+    ``no-site``, ``fail``, ``skip``), ``kind`` (sub-class of the status), ``reason`` (one line
+    for non-passes), ``sites``, ``owners_without_site`` (census owners with residual additions
+    that got no site), ``trace_failures``, ``census``, ``eval_diff``, ``train_diff``,
+    ``reload_diff``, ``seconds``.
+    """
+    import torch
+
+    from retrofit import RetrofitError, add_attention, load_checkpoint, load_model, save_checkpoint
+    from retrofit.graph import find_sites
+
+    start = time.perf_counter()
+    rec: dict[str, Any] = {"zoo": zoo, "name": name, "family": family_of(zoo, name)}
+
+    def done(status: str, kind: str, reason: str = "") -> dict[str, Any]:
+        rec.update(status=status, kind=kind, reason=reason, seconds=round(time.perf_counter() - start, 2))
+        return rec
+
+    rec["params"] = count_params(zoo, name)
+    if rec["params"] is not None and rec["params"] > MAX_PARAMS:
+        return done("skip", "too-large", f"{rec['params'] / 1e9:.2f} B parameters, over the sweep's limit")
+    try:
+        model, kwargs, size, reference = build_and_probe(zoo, name)
+    except _OriginalFails as e:
+        return done("skip", e.kind, e.reason)
+    rec["input_size"], rec["kwargs"] = list(size), kwargs
+    x = _example(size)
+    census = addition_census(model, x)
+    rec["census"] = census
+    # a train-mode forward updates BatchNorm statistics: keep them to restore afterwards
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        reference_train = _forward(model, x, train=True)
+    except Exception:
+        reference_train = None
+    _restore(buffers)
+
+    try:
+        model, inserted = add_attention(model, "eca", input_size=size)
+    except RetrofitError as e:
+        message = str(e)
+        if census["residual"]:
+            return done("fail", "refused", message)
+        if message.startswith("no residual site"):
+            if census["tokens"]:
+                kind = "tokens-only"
+            elif census["channels_last"]:
+                kind = "channels-last"
+            else:
+                kind = "other-additions" if census["other"] else "no-additions"
+            return done("no-site", kind, message)
+        return done("fail", "refused", message)
+    except Exception as e:
+        return done("fail", "engine-error", _first_line(e))
+    rec["sites"] = len(inserted)
+    owners = {s.owner for s in inserted}
+    rec["owners_without_site"] = sorted(o for o in census["residual"] if o not in owners)
+    if rec["owners_without_site"]:  # say why: the owner could not be traced, or its addition is no site
+        _, failures = find_sites(model, size)
+        reasons = {f.owner: f.reason.splitlines()[0][:200] for f in failures}
+        rec["why_without_site"] = {
+            o: reasons.get(o, "its 4-D addition is not a residual site (no common ancestor in the module)")
+            for o in rec["owners_without_site"]
+        }
+
+    try:
+        rec["eval_diff"] = max_difference(reference, _forward(model, x))
+        if reference_train is not None:
+            _restore(buffers)
+            rec["train_diff"] = max_difference(reference_train, _forward(model, x, train=True))
+            _restore(buffers)
+    except Exception as e:
+        return done("fail", "retrofitted-forward-error", _first_line(e))
+    if rec["eval_diff"] > RTOL or rec.get("train_diff", 0.0) > RTOL:
+        return done("fail", "wrong-output", f"outputs differ: eval {rec['eval_diff']:.3g}, train {rec.get('train_diff')}")
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / "model.safetensors"
+        try:
+            save_checkpoint(model, path)
+            del model
+            gc.collect()
+            loaded = load_checkpoint(path)
+            rec["reload_diff"] = max_difference(reference, _forward(loaded, x))
+        except Exception as e:
+            return done("fail", "checkpoint-error", _first_line(e))
+    if rec["reload_diff"] > RTOL:
+        return done("fail", "wrong-reload", f"reloaded outputs differ by {rec['reload_diff']:.3g}")
+    return done("pass", "partial" if rec["owners_without_site"] else "all-sites")
+
+
+# --------------------------------------------------------------------------- sweep driver
+
+
+def read_results(path: Path = RESULTS) -> list[dict[str, Any]]:
+    """Records of a results file; a later record for the same model replaces an earlier one."""
+    if not path.exists():
+        return []
+    by_model: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_model[(rec["zoo"], rec["name"])] = rec
+    return list(by_model.values())
+
+
+def _append(path: Path, rec: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+        f.flush()
+
+
+def worker(todo: Path, results: Path, progress: Path, memory_gb: float) -> None:
+    """Check each ``zoo name`` line of ``todo`` in turn, announcing each model in ``progress``."""
+    import resource
+    import warnings
+
+    import torch
+
+    if memory_gb:
+        limit = int(memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for line in todo.read_text().splitlines():
+        zoo, name = line.split()
+        progress.write_text(json.dumps({"zoo": zoo, "name": name, "start": time.time()}))
+        try:
+            rec = check_model(zoo, name)
+        except MemoryError:
+            rec = {"zoo": zoo, "name": name, "family": family_of(zoo, name), "status": "skip", "kind": "memory",
+                   "reason": f"over the sweep's {memory_gb:g} GiB memory limit"}
+        except Exception as e:  # a bug in the sweep itself: record it, keep going
+            rec = {"zoo": zoo, "name": name, "family": family_of(zoo, name), "status": "fail",
+                   "kind": "sweep-error", "reason": _first_line(e)}
+        if any(text in rec.get("reason", "") for text in _OUT_OF_MEMORY):
+            rec.update(status="skip", kind="memory", reason=f"over the sweep's {memory_gb:g} GiB memory limit")
+        _append(results, rec)
+        gc.collect()
+
+
+def sweep(models: list[tuple[str, str]], results: Path, budget: float, memory_gb: float, redo: bool) -> None:
+    """Check ``models`` in a restartable worker; append one record per model to ``results``."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        todo_file, progress = Path(tmp) / "todo.txt", Path(tmp) / "progress.json"
+        remaining = list(models)
+        if not redo:
+            done = {(r["zoo"], r["name"]) for r in read_results(results)}
+            remaining = [m for m in remaining if m not in done]
+        while remaining:
+            todo_file.write_text("".join(f"{z} {n}\n" for z, n in remaining))
+            progress.unlink(missing_ok=True)
+            before = len(results.read_text().splitlines()) if results.exists() else 0
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "_worker", str(todo_file), str(results), str(progress), str(memory_gb)]
+            )
+            killed = None
+            while proc.poll() is None:
+                time.sleep(1.0)
+                try:
+                    current = json.loads(progress.read_text())
+                except (OSError, ValueError):
+                    continue
+                if time.time() - current["start"] > budget:
+                    proc.kill()
+                    proc.wait()
+                    killed = current
+            written = len(results.read_text().splitlines()) if results.exists() else 0
+            remaining = remaining[written - before:]
+            if not remaining:
+                break
+            zoo, name = remaining.pop(0)  # the model the worker was on when it stopped
+            if killed is not None:
+                kind, reason = "timeout", f"over the sweep's {budget:g} s budget per model"
+            else:
+                kind, reason = "crash", f"the worker process died (exit code {proc.returncode})"
+            _append(results, {"zoo": zoo, "name": name, "family": family_of(zoo, name), "status": "skip",
+                              "kind": kind, "reason": reason, "seconds": budget if killed else None})
+            print(f"{zoo} {name}: {kind}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- report
+
+_STATUS_ORDER = ("pass", "fail", "no-site", "skip")
+
+
+def _versions() -> str:
+    import timm
+    import torch
+    import torchvision
+
+    return f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}"
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per zoo and status, and the pass rate over architectures with residual additions.
+
+    An architecture *has residual additions* when it passes or fails (a failure is counted
+    against retrofit whatever its cause); ``no-site`` models (census: no 4-D additions) and
+    skipped ones are outside the rate.
+    """
+    by_zoo: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        by_zoo[r["zoo"]][r["status"]] += 1
+        by_zoo["both"][r["status"]] += 1
+    residual = by_zoo["both"]["pass"] + by_zoo["both"]["fail"]
+    rate = by_zoo["both"]["pass"] / residual if residual else 0.0
+    return {"by_zoo": by_zoo, "residual": residual, "rate": rate}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _outcome(r: dict[str, Any]) -> str:
+    if r["status"] == "pass":
+        note = f"; {len(r['owners_without_site'])} residual module(s) without site" if r["owners_without_site"] else ""
+        return f"pass ({r['sites']} sites{note})"
+    return f"{r['status']}: {r['kind']}"
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    """docs/coverage.md from the sweep records."""
+    records = sorted(records, key=lambda r: (r["zoo"] != "torchvision", r["family"], r["name"]))
+    s = summarize(records)
+    lines = [
+        "# Coverage of the zoos",
+        "",
+        "Generated by `python benchmarks/coverage.py report` from `benchmarks/results/coverage.jsonl`, which",
+        "`python benchmarks/coverage.py run` writes (every `timm.list_models()` architecture and every",
+        f"torchvision classification model; {_versions()}; CPU, one thread). Do not edit by hand.",
+        "",
+        "Each architecture is built with random weights, run in eval mode on the smallest input it accepts",
+        "(64×64 first, then 96, 128, then its default size), retrofitted with `add_attention(model, \"eca\")`",
+        "(identity init), and checked: eval and train-mode outputs equal the original's (max |Δ| ≤ 1e-5 ·",
+        "max(1, max|y|); train mode with the same RNG seed), and a `save_checkpoint` → `load_checkpoint` round",
+        "trip gives the same eval outputs again. An **addition census** of the original forward (every tensor",
+        "addition, attributed to the module whose own code performs it, including modules fx cannot trace)",
+        "tells whether a model without sites really has no residual feature-map additions.",
+        "",
+        "Outcomes:",
+        "",
+        "* **pass** — sites found, outputs unchanged, checkpoint round trip exact. *partial* marks a model",
+        "  in which some module adds two same-shape `(N, C, H, W)` activations but got no site; the",
+        "  per-model table says why (a module called twice per forward, one fx cannot trace, or an addition",
+        "  that is no residual unit, e.g. a merge of two resolutions).",
+        "* **no-site** — retrofit reports *no residual site* and the census agrees. *tokens-only*: the",
+        "  model's residual additions are on 3-D tokens `(N, L, C)` — transformers; these are **not sites**",
+        "  (channel attention is defined on `(N, C, H, W)` maps). *channels-last*: the residuals are on",
+        "  4-D maps that are not `(N, C, H, W)` — Swin-style `(N, H, W, C)` blocks, windows, attention",
+        "  logits — also **not sites**. *no-additions*: no residual connections at all (VGG, DenseNet, …).",
+        "  *other-additions*: only additions of parameters, buffers or broadcasts.",
+        "* **fail** — a clear error (named below), never a silently wrong model.",
+        "* **skip** — not judged: too large for the sweep machine (over 1 B parameters), over the time",
+        "  budget, or the original model itself does not run with random weights.",
+        "",
+        "Input: models whose position embeddings fix the input size (`fixed_input_size` in timm's config,",
+        "or that fail below their default size) are built with `img_size=64` (else 128) — the same",
+        "architecture with a smaller embedding table; the kwarg is recorded in the checkpoint's recipe",
+        "and the reload rebuilds it. The *input* column shows it.",
+        "",
+        "## Summary",
+        "",
+        "| zoo | tried | pass | fail | no-site | skip |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for zoo in ("torchvision", "timm", "both"):
+        c = s["by_zoo"].get(zoo, Counter())
+        lines.append(f"| {zoo} | {sum(c.values())} | {c['pass']} | {c['fail']} | {c['no-site']} | {c['skip']} |")
+    kinds = Counter((r["status"], r["kind"]) for r in records)
+    lines += [
+        "",
+        f"**{s['by_zoo']['both']['pass']} of {s['residual']} architectures with residual additions pass: "
+        f"{100 * s['rate']:.1f}%** (the denominator is pass + fail; no-site and skipped models are outside it).",
+        "",
+        "| outcome | kind | models |",
+        "|---|---|---:|",
+    ]
+    for (status, kind), n in sorted(kinds.items(), key=lambda kv: (_STATUS_ORDER.index(kv[0][0]), -kv[1])):
+        lines.append(f"| {status} | {kind} | {n} |")
+
+    failures = [r for r in records if r["status"] == "fail"]
+    lines += ["", "## Failures", ""]
+    if failures:
+        lines += ["| model | family | kind | reason |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['family']} | {r['kind']} | {_cell(r['reason'])} |" for r in failures]
+    else:
+        lines.append("None.")
+    skipped = [r for r in records if r["status"] == "skip"]
+    lines += ["", "## Skipped", ""]
+    if skipped:
+        lines += ["| model | family | kind | reason |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['family']} | {r['kind']} | {_cell(r['reason'])} |" for r in skipped]
+    else:
+        lines.append("None.")
+
+    families: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        families[r["family"]].append(r)
+    lines += [
+        "",
+        "## Per family",
+        "",
+        "Families are the defining source module (timm `timm/models/<family>.py`, torchvision `tv.<module>`).",
+        "",
+        "| family | models | pass | fail | no-site | skip | sites per model | no-site kinds |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for fam, rs in families.items():
+        c = Counter(r["status"] for r in rs)
+        sites = [r["sites"] for r in rs if r["status"] == "pass"]
+        span = "" if not sites else str(min(sites)) if min(sites) == max(sites) else f"{min(sites)}–{max(sites)}"
+        ns = Counter(r["kind"] for r in rs if r["status"] == "no-site")
+        lines.append(
+            f"| {fam} | {len(rs)} | {c['pass']} | {c['fail']} | {c['no-site']} | {c['skip']} | {span} | "
+            f"{', '.join(f'{k} {n}' for k, n in ns.most_common())} |"
+        )
+    lines += ["", "## Per model", ""]
+    for fam, rs in families.items():
+        c = Counter(r["status"] for r in rs)
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(c.items(), key=lambda kv: _STATUS_ORDER.index(kv[0])))
+        lines += [f"<details><summary><b>{fam}</b> — {summary}</summary>", "",
+                  "| model | input | outcome | reason |", "|---|---|---|---|"]
+        for r in rs:
+            size = "×".join(map(str, r["input_size"][1:])) if r.get("input_size") else ""
+            size += "".join(f" ({k}={v})" for k, v in (r.get("kwargs") or {}).items())
+            reason = r.get("reason", "") if r["status"] != "pass" else "; ".join(
+                f"{owner}: {why}" for owner, why in list((r.get("why_without_site") or {}).items())[:2]
+            )
+            lines.append(f"| {r['name']} | {size} | {_outcome(r)} | {_cell(reason)} |")
+        lines += ["", "</details>", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="check models, appending to the results file")
+    run.add_argument("--zoo", choices=("all", "timm", "torchvision"), default="all")
+    run.add_argument("--models", help="comma-separated names (default: every model of --zoo)")
+    run.add_argument("--results", type=Path, default=RESULTS)
+    run.add_argument("--budget", type=float, default=300.0, help="seconds per model before it is skipped")
+    run.add_argument("--memory-gb", type=float, default=14.0, help="address-space limit of the worker")
+    run.add_argument("--redo", action="store_true", help="check models that already have a record again")
+    report = sub.add_parser("report", help="write docs/coverage.md from the results file")
+    report.add_argument("--results", type=Path, default=RESULTS)
+    report.add_argument("--out", type=Path, default=DOC)
+    w = sub.add_parser("_worker")
+    for arg in ("todo", "results", "progress"):
+        w.add_argument(arg, type=Path)
+    w.add_argument("memory_gb", type=float)
+    args = parser.parse_args(argv)
+
+    if args.command == "_worker":
+        worker(args.todo, args.results, args.progress, args.memory_gb)
+    elif args.command == "run":
+        models = list_architectures(args.zoo)
+        if args.models:
+            wanted = set(args.models.split(","))
+            models = [m for m in models if m[1] in wanted]
+        sweep(models, args.results, args.budget, args.memory_gb, args.redo)
+    else:
+        args.out.write_text(render(read_results(args.results)))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,130 @@
+"""The coverage sweep (benchmarks/coverage.py, docs/coverage.md) on a fixed sample of both zoos.
+
+Each model is built with random weights, retrofitted with ECA (identity init) at 64×64 (or the
+smallest size it accepts), and checked: eval and train outputs unchanged, checkpoint round trip
+exact. Models without residual feature-map additions must be refused with "no residual site".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_SWEEP_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "coverage.py"
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("retrofit_coverage_sweep", _SWEEP_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread, as in the sweep: small models at 64×64 gain nothing from more, and on a busy
+    machine extra threads wait on each other (several times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+NO_SITE = "no residual site found in {}: it has no addition of a residual branch and a shortcut"
+
+#: (zoo, model, status, kind, sites or the start of the refusal).
+SAMPLE = [
+    # residual CNNs: every residual unit gets a gate
+    ("torchvision", "resnet18", "pass", "all-sites", 8),
+    ("torchvision", "resnet50", "pass", "all-sites", 16),
+    ("torchvision", "resnext50_32x4d", "pass", "all-sites", 16),
+    ("torchvision", "mobilenet_v2", "pass", "all-sites", 10),
+    ("torchvision", "mobilenet_v3_small", "pass", "all-sites", 6),
+    ("torchvision", "efficientnet_b0", "pass", "all-sites", 9),
+    ("torchvision", "regnet_x_400mf", "pass", "all-sites", 22),
+    ("torchvision", "regnet_y_400mf", "pass", "all-sites", 16),
+    ("torchvision", "convnext_tiny", "pass", "all-sites", 18),
+    ("torchvision", "mnasnet0_5", "pass", "all-sites", 10),  # its checkpoint needs module versions
+    ("timm", "resnet18", "pass", "all-sites", 8),
+    ("timm", "resnet50d", "pass", "all-sites", 16),
+    ("timm", "seresnet18", "pass", "all-sites", 8),
+    ("timm", "tf_efficientnet_b0", "pass", "all-sites", 9),  # Conv2dSame stays a leaf
+    ("timm", "mobilenetv3_small_050", "pass", "all-sites", 7),
+    ("timm", "convnext_atto", "pass", "all-sites", 12),
+    ("timm", "regnety_002", "pass", "all-sites", 13),
+    ("timm", "resnetv2_50", "pass", "all-sites", 16),
+    ("timm", "res2net50_14w_8s", "pass", "all-sites", 16),  # not the hierarchical sp + spx[i]
+    ("timm", "edgenext_xx_small", "pass", "all-sites", 12),  # the shortcut is a module call
+    ("timm", "ghostnet_050", "pass", "all-sites", 16),
+    ("timm", "hrnet_w18_small", "pass", "all-sites", 24),
+    ("timm", "levit_conv_128s", "pass", "all-sites", 20),
+    ("timm", "dla34", "pass", "all-sites", 12),  # tree1 units get their shortcut as an argument
+    # no residual connections
+    ("torchvision", "vgg11", "no-site", "no-additions", NO_SITE.format("VGG")),
+    ("torchvision", "densenet121", "no-site", "no-additions", NO_SITE.format("DenseNet")),
+    ("torchvision", "shufflenet_v2_x0_5", "no-site", "no-additions", NO_SITE.format("ShuffleNetV2")),
+    ("torchvision", "googlenet", "no-site", "no-additions", NO_SITE.format("GoogLeNet")),
+    ("timm", "densenet121", "no-site", "no-additions", NO_SITE.format("DenseNet")),
+    ("timm", "inception_v3", "no-site", "no-additions", NO_SITE.format("InceptionV3")),
+    ("timm", "ese_vovnet19b_dw", "no-site", "no-additions", NO_SITE.format("VovNet")),
+    # transformers: residuals on 3-D tokens or channels-last maps are not sites
+    ("timm", "vit_tiny_patch16_224", "no-site", "tokens-only", NO_SITE.format("VisionTransformer")),
+    ("timm", "swin_tiny_patch4_window7_224", "no-site", "tokens-only", NO_SITE.format("SwinTransformer")),
+    ("torchvision", "swin_t", "no-site", "channels-last", NO_SITE.format("SwinTransformer")),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zoo, name, status, kind, expected", SAMPLE, ids=[f"{z}:{n}" for z, n, *_ in SAMPLE])
+def test_sweep_outcome(zoo, name, status, kind, expected, tmp_path):
+    rec = sweep.check_model(zoo, name, tmp_path)
+    assert (rec["status"], rec["kind"]) == (status, kind), rec.get("reason")
+    if status == "pass":
+        assert rec["sites"] == expected
+        assert rec["eval_diff"] == 0.0
+        assert rec["train_diff"] == 0.0
+        assert rec["reload_diff"] == 0.0
+        assert (rec["owners_without_site"] == []) == (kind == "all-sites")
+    else:
+        assert rec["reason"] == expected
+        assert rec["census"]["residual"] == {}
+
+
+def test_sample_covers_both_zoos_and_outcomes():
+    zoos = {z for z, *_ in SAMPLE}
+    kinds = {(s, k) for _, _, s, k, _ in SAMPLE}
+    assert len(SAMPLE) >= 30 and zoos == {"timm", "torchvision"}
+    assert {("pass", "all-sites"), ("no-site", "no-additions"), ("no-site", "tokens-only")} <= kinds
+
+
+def test_census_attributes_additions_to_their_module():
+    import timm
+    import torch
+
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    census = sweep.addition_census(model, torch.randn(2, 3, 64, 64))
+    assert census == {
+        "residual": {f"layer{i}.{j}": 1 for i in range(1, 5) for j in range(2)},
+        "channels_last": 0,
+        "tokens": 0,
+        "other": 0,
+    }
+
+
+def test_max_difference_is_relative_and_catches_misplaced_nans():
+    import torch
+
+    y = torch.tensor([[100.0, -2.0]])
+    assert sweep.max_difference(y, y.clone()) == 0.0
+    assert sweep.max_difference(y, y + torch.tensor([[0.5, 0.0]])) == pytest.approx(0.005)
+    assert sweep.max_difference(torch.tensor([0.5]), torch.tensor([0.25])) == 0.25
+    assert sweep.max_difference(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
+    assert sweep.max_difference((y,), (y, y)) == float("inf")
