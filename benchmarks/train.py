@@ -10,8 +10,8 @@ loss checks and accumulation logic; the plain side is::
         with autocast: loss = F.cross_entropy(model(x), y, label_smoothing=ls)
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 
-Rounds alternate plain / retrofit so that a machine whose load drifts slows both alike; the
-report gives the median images/s of each and their ratio (goal: ≥ 0.95 on CPU). On CUDA the
+Rounds alternate plain / retrofit (ABBA order) so that a machine whose load drifts slows both
+alike; the report gives the median images/s of each and their ratio (goal: ≥ 0.95 on CPU). On CUDA the
 benchmark runs fp32 and then bf16 autocast + channels_last.
 
     python benchmarks/train.py                         # Lite0 + ECA, 64 px, batch 32, CPU
@@ -77,7 +77,7 @@ def measure(args, device, precision: str, channels_last: bool) -> dict:
     ]
     plain_model = copy.deepcopy(base).to(device, memory_format=fmt)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4, weight_decay=0.05)
-    trainer.prepare(base, len(batches))
+    trainer.prepare(copy.deepcopy(base), len(batches))
     trainer.enter_phase(False)
     dtype = trainer.autocast_dtype
 
@@ -90,9 +90,13 @@ def measure(args, device, precision: str, channels_last: bool) -> dict:
     run_plain(), run_retrofit()  # warm-up: allocator, oneDNN/cuDNN kernels
     plain, ours = [], []
     images = args.batch_size * args.batches
-    for _ in range(args.rounds):
-        plain.append(images / timed(run_plain, device))
-        ours.append(images / timed(run_retrofit, device))
+    for r in range(args.rounds):  # ABBA order: neither side always runs first
+        if r % 2 == 0:
+            plain.append(images / timed(run_plain, device))
+            ours.append(images / timed(run_retrofit, device))
+        else:
+            ours.append(images / timed(run_retrofit, device))
+            plain.append(images / timed(run_plain, device))
     p, o = statistics.median(plain), statistics.median(ours)
     return {
         "device": str(device), "precision": "bf16 autocast" if dtype else "fp32", "channels_last": channels_last,

@@ -265,6 +265,13 @@ def test_class_folders_without_images(tmp_path):
     assert_one_line_error(result, "no images in", "train")
 
 
+def test_torchvision_dataset_absent_offline_says_download(tmp_path):
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", "torchvision:CIFAR10",
+                 "--dataset-root", tmp_path / "datasets", "-o", tmp_path / "o")
+    assert_one_line_error(result, "torchvision dataset CIFAR10 not found under", "pass --download")
+    assert not (tmp_path / "o").exists()
+
+
 def test_unreadable_image_is_named_or_skipped_with_a_count(small_digits, tmp_path):
     data = tmp_path / "d"
     shutil.copytree(small_digits, data)
@@ -282,23 +289,23 @@ def test_unreadable_image_is_named_or_skipped_with_a_count(small_digits, tmp_pat
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_epoch(small_digits, tmp_path, monkeypatch):
     prepare = Trainer.prepare
 
-    def nan_on_seventh_batch(self, model, batches_per_epoch):
+    def nan_on_third_batch(self, model, batches_per_epoch):
         prepare(self, model, batches_per_epoch)
         criterion, calls = self.criterion, []
 
         def loss(logits, labels):
             calls.append(1)
             value = criterion(logits, labels)
-            return value * float("nan") if len(calls) == 7 else value
+            return value * float("nan") if len(calls) == 3 else value
 
         self.criterion = loss
 
-    monkeypatch.setattr(Trainer, "prepare", nan_on_seventh_batch)
+    monkeypatch.setattr(Trainer, "prepare", nan_on_third_batch)
     out = tmp_path / "o"
     result = run("finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "--epochs", 3,
-                 "-b", 25, *DIGIT_AUG, "-o", out)
-    # 4 batches per epoch: batch 7 is epoch 2, batch 3
-    assert_one_line_error(result, "loss became nan at step 7 (epoch 2, batch 3)", "still holds epoch 1")
+                 "-b", 50, *DIGIT_AUG, "-o", out)
+    # 2 batches per epoch: batch 3 is epoch 2, batch 1
+    assert_one_line_error(result, "loss became nan at step 3 (epoch 2, batch 1)", "still holds epoch 1")
     assert read_recipe(out / "last.safetensors").extra["finetune"]["epoch"] == 1
     assert len(rows(out)) == 1
 

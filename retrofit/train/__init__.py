@@ -4,7 +4,7 @@
 
     result = finetune(FinetuneConfig("tf_efficientnet_lite0", data="digits", output="runs/eca",
                                      block="eca", weights="lite0.safetensors", img_size=64, epochs=5))
-    result.best   # {"epoch": 5, "top1": 0.97, "weights": "model"}
+    result.best   # {"epoch": …, "top1": …, "weights": "model" or "ema"}
 
 Modules: :mod:`.config` (the recipe), :mod:`.data` (datasets, timm transforms, loaders),
 :mod:`.model` (head, parameter groups, freezing), :mod:`.loop` (train/eval, checkpoints),

@@ -52,15 +52,25 @@ class Splits:
 class ImageTree(Dataset):
     """An ImageFolder tree with a given class mapping; yields ``(image (3, H, W), label)`` or a :class:`BadImage`.
 
-    File discovery is torchvision's (``DatasetFolder.make_dataset``, its ``IMG_EXTENSIONS``).
+    Files are those ``torchvision.datasets.ImageFolder`` would take (its ``IMG_EXTENSIONS``,
+    symlinks followed, sorted). Unlike ``make_dataset`` before torchvision 0.18, a class folder
+    absent from this tree is not an error (a validation split may lack a class).
     """
 
     def __init__(self, root: Path, class_to_idx: dict[str, int], transform: Callable):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+        from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
         self.root = root
         self.transform = transform
-        self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        self.samples: list[tuple[str, int]] = []
+        for name, index in sorted(class_to_idx.items()):
+            folder = root / name
+            if not folder.is_dir():
+                continue
+            for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
+                for f in sorted(files):
+                    if has_file_allowed_extension(f, IMG_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, f), index))
         self.targets = [t for _, t in self.samples]
 
     def __len__(self) -> int:
