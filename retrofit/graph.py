@@ -41,10 +41,10 @@ from torch import fx, nn
 from .errors import RetrofitError
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
 #: Batch of the dummy input. Two, not one, so that a tensor computed without the batch (a
 #: relative-position bias, a mask) cannot look like an operand of a residual addition.
 PROBE_BATCH = 2
-_ADD_METHODS = ("add", "add_")
 #: Trailing modules of a residual branch that the gate goes in front of (stochastic depth,
 #: dropout, identity): timm puts SE before ``drop_path`` too.
 _PASS_THROUGH = ("DropPath", "StochasticDepth", "Identity", "Dropout", "Dropout2d")
@@ -268,7 +268,10 @@ def split_operands(add: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     return a, b, ancestor
 
 
-def _outermost(found: list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+_Split = tuple[fx.Node, fx.Node, fx.Node, fx.Node]  # (add, residual branch, shortcut, unit input)
+
+
+def _outermost(found: list[_Split]) -> list[_Split]:
     """Drop additions nested inside another addition's residual branch.
 
     ``found`` holds ``(add, branch, shortcut, unit_input)``. An addition whose result feeds the
@@ -553,7 +556,7 @@ def find_sites(
             try:
                 output = recorder.run(*_copied(positional_inputs(module, args, kwargs)))
             except Exception as e:
-                fail(f"shape propagation failed: {e}")
+                fail(f"shape propagation failed: {_first_line(e)}")
                 continue
             # A graph that does not compute what the module computes (Python-side state, a
             # child that mutates an argument the owner reads again) must never be rewritten.
@@ -561,7 +564,7 @@ def find_sites(
                 fail("its traced graph does not reproduce its output (Python-side state or in-place argument updates)")
                 continue
             shapes = recorder.shapes
-            found: list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]] = []
+            found: list[_Split] = []
             for add in adds:
                 a, b = add.args[0], add.args[1]
                 sa, sb = shapes.get(a), shapes.get(b)
