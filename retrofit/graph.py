@@ -311,13 +311,17 @@ def _skip_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
-def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+    """``(path, module, expected_untraceable)`` of every module not from ``torch.nn``.
+
+    timm registers some modules as not fx-traceable (``Conv2dSame``, ``BatchNormAct2d``, but
+    also whole residual blocks such as ``NormFreeBlock``, ``MobileVitBlock``): their own
+    forward is still tried, shallowly, and a failure is expected rather than reported.
+    """
     notrace = _timm_notrace_modules()
     for path, module in model.named_modules():
-        cls = type(module)
-        if cls.__module__.startswith("torch.nn") or (notrace and isinstance(module, notrace)):
-            continue
-        yield path, module
+        if not type(module).__module__.startswith("torch.nn"):
+            yield path, module, bool(notrace) and isinstance(module, notrace)
 
 
 @contextmanager
@@ -509,10 +513,12 @@ def find_sites(
     graphs: dict[str, fx.GraphModule | None] = {}
     untraced: dict[str, str] = {}
     owners: dict[str, nn.Module] = {}
-    for path, module in _candidate_modules(model):
+    for path, module, expected_untraceable in _candidate_modules(model):
         try:
             gm = trace_owner(module)
         except Exception as e:
+            if expected_untraceable:
+                continue
             untraced[path] = _first_line(e)
             graphs[path], owners[path] = None, module
             continue
