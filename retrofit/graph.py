@@ -65,7 +65,8 @@ class Site:
         unit_input: fx node name of the operands' common ancestor (the unit's input).
         projection: whether the shortcut has ops (e.g. ``downsample``) or is the identity.
         channels: C of the addition, ``(N, C, H, W)``.
-        in_channels: C at the unit's input (what a ``pre`` gate sees).
+        in_channels: C at the unit's input (what a ``pre`` gate sees); ``in_height``/``in_width``
+            its H×W.
         height, width: H×W of the addition, at the model's default input size.
         stage: stride level, ``round(log2(input_H / H)) - 1``: stride 4 → 1 … 32 → 4
             (ResNet's ``layer1`` … ``layer4``).
@@ -88,6 +89,8 @@ class Site:
     width: int
     stage: int
     fixed_args: tuple[tuple[str, Any], ...] = ()
+    in_height: int = 0
+    in_width: int = 0
 
 
 @dataclass(frozen=True)
@@ -601,6 +604,8 @@ def find_sites(
                         width=int(sa[3]),
                         stage=_stage(input_size[1], int(sa[2])),
                         fixed_args=tuple(fixed.items()),
+                        in_height=int(in_shape[2]) if in_shape is not None and len(in_shape) == 4 else int(sa[2]),
+                        in_width=int(in_shape[3]) if in_shape is not None and len(in_shape) == 4 else int(sa[3]),
                     )
                 )
     return sites, failures

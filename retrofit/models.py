@@ -14,9 +14,11 @@ one line that names the model and says how to pass a local file.
 from __future__ import annotations
 
 import difflib
-from collections import OrderedDict
 import os
+import pickle
+import re
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,12 +60,24 @@ def parse_name(name: str) -> ModelSpec:
             raise RetrofitError(_unknown(name, arch, known, TORCHVISION_PREFIX))
         return ModelSpec(name, "torchvision")
     if name.startswith(HF_HUB_PREFIX):
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", name[len(HF_HUB_PREFIX):]):
+            raise RetrofitError(f"{name!r} is not a hub model id; write hf-hub:ORG/NAME, e.g. hf-hub:timm/resnet50.a1_in1k")
         return ModelSpec(name, "timm")
+    if name.endswith(_WEIGHT_SUFFIXES) or os.sep in name:
+        raise RetrofitError(
+            f"{name!r} looks like a file, not a model name; give the architecture (e.g. resnet50) "
+            "and pass the file with --weights FILE (a retrofit checkpoint goes to predict/report/finetune)"
+        )
     import timm
 
-    arch = name.split(".", 1)[0]
+    arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         raise RetrofitError(_unknown(name, arch, timm.list_models(), ""))
+    if tag:
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        if tag not in tags:
+            shown = ", ".join(tags[:5]) + (", …" if len(tags) > 5 else "") if tags else "none"
+            raise RetrofitError(f"{arch} has no pretrained tag {tag!r}; its tags: {shown}")
     return ModelSpec(name, "timm")
 
 
@@ -174,6 +188,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises :class:`RetrofitError` when the file is missing, unreadable, or holds no tensors.
     """
     path = Path(path)
+    if path.is_dir():
+        raise RetrofitError(f"weights file {path} is a directory")
     if not path.is_file():
         raise RetrofitError(f"weights file not found: {path}")
     if path.suffix not in _WEIGHT_SUFFIXES:
@@ -183,8 +199,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             obj: Any = load_file(str(path), device="cpu")
+            if _is_retrofit_checkpoint(path):
+                raise RetrofitError(
+                    f"{path} is a retrofit checkpoint, not base weights; use it directly as the TARGET of "
+                    "predict/report/finetune, or retrofit.load_checkpoint()"
+                )
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except RetrofitError:
+        raise
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a refused class: the file is damaged
+            raise RetrofitError(f"cannot read weights file {path}: not a PyTorch weights file") from e
+        # weights_only refused a pickled object (e.g. a whole nn.Module)
+        raise RetrofitError(
+            f"weights file {path} holds pickled Python objects, not a plain state dict; retrofit only reads "
+            "tensors (weights_only=True); re-save it with torch.save(model.state_dict(), path)"
+        ) from e
     except Exception as e:  # the readers raise many types for a damaged file
         raise RetrofitError(f"cannot read weights file {path}: {_first_line(e)}") from e
     for key in ("state_dict", "model"):
@@ -195,6 +226,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def _is_retrofit_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return "retrofit.recipe" in (f.metadata() or {})
 
 
 def _first_line(e: BaseException) -> str:

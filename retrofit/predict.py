@@ -20,6 +20,25 @@ class Prediction:
     classes: list[int]
     probs: list[float]
     logits: torch.Tensor  # (num_classes,)
+    names: list[str]
+
+
+def class_names(model: nn.Module) -> list[str] | None:
+    """Names of the model's classes: ImageNet-1k descriptions (timm ``ImageNetInfo``) for a
+    1000-class head, the ``classes`` a fine-tuning run recorded, else None."""
+    recorded = getattr(model, "retrofit_class_names", None)
+    if recorded:
+        return list(recorded)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        num_classes = last[-1].out_features if last else None
+    if num_classes != 1000:
+        return None
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
 
 
 def eval_transform(model: nn.Module):
@@ -60,8 +79,10 @@ def predict(model: nn.Module, images: list[str | os.PathLike], top: int = 5) -> 
         model.train(was_training)
     probs = logits.softmax(-1)
     k = min(top, logits.shape[-1])
+    names = class_names(model)
     out = []
     for path, lg, pr in zip(images, logits, probs):
         values, idx = pr.topk(k)
-        out.append(Prediction(str(path), idx.tolist(), values.tolist(), lg))
+        labels = [names[i] if names and i < len(names) else str(i) for i in idx.tolist()]
+        out.append(Prediction(str(path), idx.tolist(), values.tolist(), lg, labels))
     return out

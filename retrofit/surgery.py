@@ -60,6 +60,16 @@ class InsertedSite:
         return self.site.owner
 
     @property
+    def height(self) -> int:
+        """H of the map the gate sees (the unit's input for ``pre``)."""
+        return self.site.in_height if self.placement == "pre" else self.site.height
+
+    @property
+    def width(self) -> int:
+        """W of the map the gate sees (the unit's input for ``pre``)."""
+        return self.site.in_width if self.placement == "pre" else self.site.width
+
+    @property
     def key(self) -> str:
         return f"{self.site.owner}.{self.attr}" if self.site.owner else self.attr
 
@@ -72,8 +82,8 @@ class InsertedSite:
             "attr": self.attr,
             "channels": self.channels,
             "site_channels": s.channels,
-            "height": s.height,
-            "width": s.width,
+            "height": self.height,
+            "width": self.width,
             "stage": s.stage,
             "projection": s.projection,
             "options": dict(self.options),
@@ -147,8 +157,9 @@ def add_attention(
         raise RetrofitError("this model already has retrofitted attention; start again from the base model")
 
     input_size = tuple(input_size or default_input_size(model))
-    user_options: dict[str, Any] = {"reduction": reduction, "groups": groups}
-    user_options["kernel_size"] = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
+    given = {"reduction": reduction, "groups": groups,
+             "kernel_size": list(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size}
+    user_options = {k: v for k, v in given.items() if k in cls.OPTIONS}
     if replace_existing:
         if include or exclude or stages:
             raise RetrofitError("--replace-existing swaps every SE module; it takes no --include/--exclude/--stages")
@@ -262,7 +273,7 @@ def _kernel_per_stage(kernel_size: int | Sequence[int] | None, sites: list[Site]
     stages = sorted({s.stage for s in sites})
     if len(kernel_size) != len(stages):
         raise RetrofitError(
-            f"{len(kernel_size)} kernel sizes given for {len(stages)} stages with sites "
+            f"{len(kernel_size)} kernel sizes given for {len(stages)} stage(s) with sites "
             f"(stages {', '.join(map(str, stages))}); give one per stage"
         )
     table = dict(zip(stages, kernel_size))

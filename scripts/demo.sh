@@ -8,7 +8,7 @@ out="$root/demo-out"
 mkdir -p "$out"
 cd "$out"
 retrofit demo weights -o tf_efficientnet_lite0.safetensors --overwrite
-retrofit demo photos .
+retrofit demo photos . --overwrite
 retrofit add-eca tf_efficientnet_lite0 --weights tf_efficientnet_lite0.safetensors \
   -o tf_efficientnet_lite0-eca.safetensors --overwrite
 retrofit compare tf_efficientnet_lite0 tf_efficientnet_lite0-eca.safetensors chelsea.png coffee.png \

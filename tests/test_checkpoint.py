@@ -41,7 +41,7 @@ def test_recipe_records_source_block_sites_and_versions(se_checkpoint):
     assert len(recipe.sites) == 8
     assert recipe.sites[0]["owner"] == "layer1.0"
     assert recipe.sites[0]["options"] == {"rd_channels": 8, "reduction": 8}
-    assert recipe.options == {"reduction": 8, "groups": None, "kernel_size": None}
+    assert recipe.options == {"reduction": 8}
     assert set(recipe.versions) == {"retrofit", "torch", "torchvision", "timm"}
 
 

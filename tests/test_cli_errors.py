@@ -145,3 +145,95 @@ def test_offline_hf_hub_model_fails_fast_in_one_line(tmp_path, monkeypatch):
     for extra in ([], ["--no-pretrained"]):
         result = run("add-eca", "hf-hub:timm/resnet18.a1_in1k", *extra, "-o", str(tmp_path / "x.safetensors"))
         assert_one_line_error(result, "'hf-hub:timm/resnet18.a1_in1k'", "--weights FILE")
+
+
+def test_usage_errors_are_one_line_from_the_console_script():
+    for args in (["add-se", "resnet18", "-k", "3"], ["add-eca"], ["--bogus"], ["add-se", "resnet18", "-r", "abc"]):
+        proc = subprocess.run(["retrofit", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)
+
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("resnet18.bogus", "resnet18 has no pretrained tag 'bogus'; its tags: a1_in1k"),
+        ("resnet18.pth", "looks like a file, not a model name"),
+        ("hf-hub:", "is not a hub model id"),
+    ],
+)
+def test_bad_names_and_tags(name, fragment, tmp_path):
+    assert_one_line_error(run("sites", name), fragment)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--input-size", "3,-1,224"], "three positive integers"),
+        (["--input-size", "3,100000,100000"], "too large"),
+        (["--kernel-size", "3,,5,7"], "integers separated by commas"),
+        (["--kernel-size", "65"], "larger than the 64 channels"),
+        (["--reduction", "8"], "--reduction applies to se, not to eca"),
+    ],
+)
+def test_more_options_out_of_range(args, fragment, tmp_path):
+    result = run("add", "eca", "resnet18", "--no-pretrained", *args, "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, fragment)
+    assert not any(tmp_path.iterdir())
+
+
+def test_unwritable_outputs_fail_before_work(tmp_path):
+    (tmp_path / "adir.safetensors").mkdir()
+    (tmp_path / "afile").write_text("x")
+    assert_one_line_error(run("add-eca", "resnet18", "--no-pretrained", "-o", str(tmp_path / "adir.safetensors"),
+                              "--overwrite"), "is a directory")
+    assert_one_line_error(run("add-eca", "resnet18", "--no-pretrained", "-o", str(tmp_path / "afile" / "x.safetensors")),
+                          "is not a folder")
+    assert_one_line_error(run("demo", "weights", "-o", str(tmp_path / "w.pth")), "must end in .safetensors")
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+
+    out = tmp_path / "x.safetensors"
+    assert run("add-eca", "resnet18", "--no-pretrained", "-o", str(out)).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_demo_photos_do_not_overwrite(tmp_path):
+    mine = tmp_path / "chelsea.png"
+    mine.write_text("mine")
+    assert_one_line_error(run("demo", "photos", str(tmp_path)), "exists")
+    assert mine.read_text() == "mine" and not (tmp_path / "coffee.png").exists()
+    assert run("demo", "photos", str(tmp_path), "--overwrite").exit_code == 0
+    assert mine.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_edited_recipe_is_refused(tmp_path):
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "x.safetensors"
+    assert run("add-se", "resnet18", "--no-pretrained", "-o", str(out)).exit_code == 0
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    recipe = _json.loads(meta["retrofit.recipe"])
+    recipe["sites"][0]["options"] = {"reduction": 8}
+    meta["retrofit.recipe"] = _json.dumps(recipe)
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(str(out)), str(edited), metadata=meta)
+    assert_one_line_error(run("predict", str(edited), str(out)), "modified after it was written")
+
+
+def test_pickled_module_weights_are_refused_with_advice(tmp_path):
+    import timm
+
+    path = tmp_path / "full.pth"
+    torch.save(timm.create_model("resnet18"), path)
+    result = run("add-eca", "resnet18", "--weights", str(path), "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "holds pickled Python objects", "torch.save(model.state_dict(), path)")

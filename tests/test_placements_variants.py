@@ -62,7 +62,7 @@ def test_eca_adaptive_adds_86_and_release_kernels_add_80(resnet50):
 
 
 def test_kernel_list_must_match_stage_count(resnet50):
-    with pytest.raises(RetrofitError, match="3 kernel sizes given for 4 stages"):
+    with pytest.raises(RetrofitError, match="3 kernel sizes given for 4 stage"):
         retrofit.add_attention(copy.deepcopy(resnet50), "eca", kernel_size=[3, 5, 7])
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .app import app, fail, handle_errors, parse_ints
+from .app import app, fail, handle_errors, parse_input_size, parse_ints
 
 ModelArg = Annotated[str, typer.Argument(help="timm name (resnet50, resnet50.a1_in1k), torchvision:NAME or hf-hub:ORG/NAME.")]
 WeightsOpt = Annotated[
@@ -23,7 +23,9 @@ PlacementOpt = Annotated[
 InitOpt = Annotated[
     str, typer.Option("--init", help="identity: gate = 2·sigmoid, last layer zeroed, outputs unchanged; paper: the papers' form.")
 ]
-ReductionOpt = Annotated[int, typer.Option("--reduction", "-r", help="SE reduction ratio r (hidden width C // r).")]
+ReductionOpt = Annotated[
+    Optional[int], typer.Option("--reduction", "-r", help="SE reduction ratio r (hidden width C // r); default 16.")
+]
 KernelOpt = Annotated[
     Optional[str],
     typer.Option("--kernel-size", "-k", help="ECA kernel size: odd K, or one per stage (3,5,5,7). Default: adaptive rule."),
@@ -58,7 +60,7 @@ def run_add(
     no_pretrained: bool,
     placement: str,
     init: str,
-    reduction: int = 16,
+    reduction: Optional[int] = None,
     kernel_size: Optional[str] = None,
     groups: Optional[int] = None,
     include: Optional[list[str]] = None,
@@ -72,19 +74,21 @@ def run_add(
 ) -> None:
     from ..blocks import block_class
 
+    from ..checkpoint import check_writable
+
     block_class(block)  # an unknown block fails before any loading
-    output = output or default_output(model, block)
-    if output.exists() and not overwrite:
-        fail(f"{output} exists; pass --overwrite to replace it, or -o another path")
+    for given, option, applies in ((reduction, "--reduction", "se"), (kernel_size, "--kernel-size", "eca"),
+                                   (groups, "--groups", "se-gc")):
+        if given is not None and block != applies:
+            fail(f"{option} applies to {applies}, not to {block}")
+    output = check_writable(output if output is not None else default_output(model, block), overwrite)
     if output.suffix != ".safetensors":
         fail(f"output {output} must end in .safetensors")
     if weights is not None and no_pretrained:
         fail("--weights and --no-pretrained exclude each other")
     kernels = parse_ints(kernel_size, "--kernel-size")
     stage_list = parse_ints(stages, "--stages")
-    size = parse_ints(input_size, "--input-size")
-    if size is not None and len(size) != 3:
-        fail("--input-size takes C,H,W, e.g. 3,224,224")
+    size = parse_input_size(input_size)
 
     from ..checkpoint import save_checkpoint
     from ..models import load_model
@@ -96,7 +100,7 @@ def run_add(
         net,
         block,
         placement=placement,
-        reduction=reduction,
+        reduction=16 if reduction is None else reduction,
         kernel_size=kernels if kernels is None or len(kernels) > 1 else kernels[0],
         groups=groups,
         init=init,
@@ -104,7 +108,7 @@ def run_add(
         exclude=exclude,
         stages=stage_list,
         replace_existing=replace_existing,
-        input_size=tuple(size) if size else None,
+        input_size=size,
     )
     after = sum(p.numel() for p in net.parameters())
     save_checkpoint(net, output, overwrite=overwrite)
@@ -133,8 +137,8 @@ def _site_row(s: Any) -> dict[str, Any]:
         "owner": s.owner,
         "key": s.key,
         "channels": s.channels,
-        "height": s.site.height,
-        "width": s.site.width,
+        "height": s.height,
+        "width": s.width,
         "stage": s.site.stage,
         "shortcut": "projection" if s.site.projection else "identity",
         "block": s.block,
@@ -142,6 +146,11 @@ def _site_row(s: Any) -> dict[str, Any]:
         "setting": block_class(s.block).describe(s.options),
         "params": s.params,
     }
+
+
+def _percent(delta: int, base: int) -> str:
+    """``+9.90%``, ``+0.00071%``: three significant digits, so a small change never reads as zero."""
+    return f"{100 * delta / base:+.3g}%" if base else "n/a"
 
 
 def _replaced_row(r: Any, block: str) -> dict[str, Any]:
@@ -170,7 +179,7 @@ def _print_add(report: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     b, a = report["params_before"], report["params_after"]
-    console.print(f"parameters {b:,} → {a:,} (+{a - b:,}, +{100 * (a - b) / b:.3f}%) · weights: {report['weights']} · "
+    console.print(f"parameters {b:,} → {a:,} ({a - b:+,}, {_percent(a - b, b)}) · weights: {report['weights']} · "
                   f"init: {report['init']}")
     console.print(f"wrote {report['output']}")
 
@@ -189,7 +198,7 @@ def _print_replaced(report: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     b, a = report["params_before"], report["params_after"]
-    console.print(f"replaced {len(rows)} modules · parameters {b:,} → {a:,} ({a - b:+,}, {100 * (a - b) / b:+.3f}%)")
+    console.print(f"replaced {len(rows)} modules · parameters {b:,} → {a:,} ({a - b:+,}, {_percent(a - b, b)})")
     console.print(f"wrote {report['output']}")
 
 
@@ -202,7 +211,7 @@ def add(
     no_pretrained: NoPretrainedOpt = False,
     placement: PlacementOpt = "standard",
     init: InitOpt = "identity",
-    reduction: ReductionOpt = 16,
+    reduction: ReductionOpt = None,
     kernel_size: KernelOpt = None,
     groups: GroupsOpt = None,
     include: IncludeOpt = None,
@@ -225,7 +234,7 @@ def add(
 @handle_errors
 def add_se(
     model: ModelArg,
-    reduction: ReductionOpt = 16,
+    reduction: ReductionOpt = None,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     placement: PlacementOpt = "standard",
@@ -277,13 +286,13 @@ def sites(
     input_size: InputSizeOpt = None,
 ) -> None:
     """List the residual sites of MODEL (owner, C, H×W, stage) without changing anything."""
-    size = parse_ints(input_size, "--input-size")
+    size = parse_input_size(input_size)
     from ..errors import RetrofitError
     from ..graph import find_sites
     from ..models import load_model
 
     net, _, _ = load_model(model, pretrained=False)
-    found, failures = find_sites(net, tuple(size) if size else None)
+    found, failures = find_sites(net, size)
     if not found:
         from ..surgery import no_site_message
 

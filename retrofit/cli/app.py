@@ -61,21 +61,52 @@ def handle_errors(fn: F) -> F:
 
 
 def parse_ints(text: str | None, what: str) -> list[int] | None:
-    """``"3,5,5,7"`` → ``[3, 5, 5, 7]``; a one-line error for anything else."""
+    """``"3,5,5,7"`` → ``[3, 5, 5, 7]``; a one-line error for anything else (empty items included)."""
     if text is None:
         return None
+    items = text.replace(" ", "").split(",")
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+        values = [int(v) for v in items]
     except ValueError:
         fail(f"{what} must be integers separated by commas, got {text!r}")
-    if not values:
-        fail(f"{what} is empty")
     return values
 
 
+def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
+    """``"3,224,224"`` → ``(3, 224, 224)``: three positive integers, H and W at most 4096."""
+    values = parse_ints(text, "--input-size")
+    if values is None:
+        return None
+    if len(values) != 3 or min(values) < 1:
+        fail(f"--input-size takes three positive integers C,H,W (e.g. 3,224,224), got {text!r}")
+    if max(values[1:]) > 4096 or values[0] > 64:
+        fail(f"--input-size {text!r} is too large (at most 64 channels and 4096×4096)")
+    return values[0], values[1], values[2]
+
+
+def _is(e: BaseException, name: str) -> bool:
+    # Typer may vendor click (typer._click) or use click itself: match the class by name.
+    return any(c.__name__ == name for c in type(e).__mro__)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage errors are one ``error:`` line too (exit 2)."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except BrokenPipeError:  # `retrofit ... | head`
-        sys.exit(0)
+        code = 0
+    except Exception as e:
+        if _is(e, "NoArgsIsHelpError"):
+            e.show()  # type: ignore[attr-defined]
+            code = 0
+        elif _is(e, "UsageError"):
+            ctx = getattr(e, "ctx", None)
+            path = ctx.command_path if ctx is not None else "retrofit"
+            typer.echo(f"error: {e.format_message()} (see {path} --help)", err=True)  # type: ignore[attr-defined]
+            code = 2
+        elif _is(e, "Abort"):
+            typer.echo("error: interrupted", err=True)
+            code = 130
+        else:
+            raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -31,9 +31,12 @@ def weights(
 
 @demo_app.command("photos")
 @handle_errors
-def photos(folder: Annotated[Path, typer.Argument(help="Folder to write chelsea.png and coffee.png into.")] = Path(".")) -> None:
+def photos(
+    folder: Annotated[Path, typer.Argument(help="Folder to write chelsea.png and coffee.png into.")] = Path("."),
+    overwrite: OverwriteOpt = False,
+) -> None:
     """Write scikit-image's chelsea (ImageNet class 285) and coffee (967) photos as PNG files."""
     from ..demo import write_photos
 
-    for p in write_photos(folder):
+    for p in write_photos(folder, overwrite=overwrite):
         typer.echo(f"wrote {p}")

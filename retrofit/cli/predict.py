@@ -29,17 +29,19 @@ def predict(
     model = load_target(target, pretrained=not no_pretrained, weights=weights)
     results = run(model, [str(p) for p in images], top=top)
     if as_json:
-        rows = [{"image": r.image, "classes": r.classes, "probs": r.probs} for r in results]
+        rows = [{"image": r.image, "classes": r.classes, "names": r.names, "probs": r.probs} for r in results]
         typer.echo(json.dumps({"target": target, "predictions": rows}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"top-{top} of {target}")
-    table.add_column("image")
-    table.add_column("classes (probability)")
+    table = Table(title=f"top-{min(top, len(results[0].classes))} of {target}")
+    for col, just in (("image", "left"), ("#", "right"), ("class", "right"), ("name", "left"), ("probability", "right")):
+        table.add_column(col, justify=just)
     for r in results:
-        table.add_row(Path(r.image).name, ", ".join(f"{c} ({p:.3f})" for c, p in zip(r.classes, r.probs)))
+        for rank, (c, name, p) in enumerate(zip(r.classes, r.names, r.probs), 1):
+            table.add_row(Path(r.image).name if rank == 1 else "", str(rank), str(c), name, f"{p:.3f}",
+                          end_section=rank == len(r.classes))
     Console().print(table)
 
 
