@@ -99,6 +99,18 @@ def _timm_families() -> dict[str, str]:
     return _FAMILIES
 
 
+def families_first(models: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``models`` reordered: the first model of each family, then the others (each in list order),
+    so that a sweep stopped early has still seen every family."""
+    seen: set[str] = set()
+    first, rest = [], []
+    for zoo, name in models:
+        family = family_of(zoo, name)
+        (rest if family in seen else first).append((zoo, name))
+        seen.add(family)
+    return first + rest
+
+
 # --------------------------------------------------------------------------- the check
 
 
@@ -673,6 +685,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--budget", type=float, default=300.0, help="seconds per model before it is skipped")
     run.add_argument("--memory-gb", type=float, default=14.0, help="address-space limit of the worker")
     run.add_argument("--redo", action="store_true", help="check models that already have a record again")
+    run.add_argument(
+        "--families-first", action="store_true", help="one model of every family first, then the rest"
+    )
     report = sub.add_parser("report", help="write docs/coverage.md from the results file")
     report.add_argument("--results", type=Path, default=RESULTS)
     report.add_argument("--out", type=Path, default=DOC)
@@ -689,6 +704,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.models:
             wanted = set(args.models.split(","))
             models = [m for m in models if m[1] in wanted]
+        if args.families_first:
+            models = families_first(models)
         sweep(models, args.results, args.budget, args.memory_gb, args.redo)
     else:
         args.out.write_text(render(read_results(args.results)))

@@ -61,40 +61,43 @@ def build_models(device: str) -> dict[str, "torch.nn.Module"]:
     return {name: m.to(device).eval() for name, m in models.items()}
 
 
-def timer(device: str) -> Callable[[Callable[[], object]], float]:
-    """A function that runs a call once and returns its wall time in seconds on ``device``."""
+def timer(device: str) -> Callable[[Callable[[], object]], dict[str, float]]:
+    """A function that runs a call once and returns its times in seconds: ``wall`` always, and
+    on CPU also ``cpu``, the process's CPU time (on one thread, latency without the time other
+    processes of a shared machine held the core)."""
     import torch
 
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-        def run(call: Callable[[], object]) -> float:
+        def run(call: Callable[[], object]) -> dict[str, float]:
             torch.cuda.synchronize()
             start.record()
             call()
             end.record()
             torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000.0
+            return {"wall": start.elapsed_time(end) / 1000.0}
 
         return run
 
-    def run_cpu(call: Callable[[], object]) -> float:
-        t0 = time.perf_counter()
+    def run_cpu(call: Callable[[], object]) -> dict[str, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         call()
-        return time.perf_counter() - t0
+        return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
     return run_cpu
 
 
-def measure(device: str, batch: int, size: int, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per forward of each model on ``device`` (keys a, b, c, d), measured
-    interleaved, and the median within-round ratios (keys ``a/b``, ``a/c``, ``d/c``)."""
+def measure(device: str, batch: int, size: int, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Per clock (``wall``, and ``cpu`` on CPU): the median seconds per forward of each model
+    (keys a, b, c, d), measured interleaved, and the median within-round ratios (keys ``a/b``,
+    ``a/c``, ``d/c``)."""
     import torch
 
     models = build_models(device)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     run = timer(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     names = list(models)
     with torch.inference_mode():
         reference = models["c"](x)
@@ -109,13 +112,17 @@ def measure(device: str, batch: int, size: int, warmup: int, repeats: int) -> di
             k = i % len(names)
             for name in names[k:] + names[:k]:
                 times[name].append(run(lambda m=models[name]: m(x)))
-    result = {name: statistics.median(ts) for name, ts in times.items()}
-    for num, den in (("a", "b"), ("a", "c"), ("d", "c")):
-        result[f"{num}/{den}"] = statistics.median(p / q for p, q in zip(times[num], times[den]))
-    return result
+    results = {}
+    for clock in times["a"][0]:
+        series = {name: [t[clock] for t in ts] for name, ts in times.items()}
+        result = {name: statistics.median(ts) for name, ts in series.items()}
+        for num, den in (("a", "b"), ("a", "c"), ("d", "c")):
+            result[f"{num}/{den}"] = statistics.median(p / q for p, q in zip(series[num], series[den]))
+        results[clock] = result
+    return results
 
 
-def render(results: dict[str, dict[str, float]], args: argparse.Namespace, threads: int) -> str:
+def render(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace, threads: int) -> str:
     """The markdown "Inference" section."""
     import timm
     import torch
@@ -124,7 +131,7 @@ def render(results: dict[str, dict[str, float]], args: argparse.Namespace, threa
         SECTION,
         "",
         f"`python benchmarks/inference.py --write docs/benchmarks.md` (batch {args.batch}, {args.size}×{args.size}, "
-        f"float32, eval, `inference_mode`; median of {args.repeats} interleaved calls after {args.warmup} warm-up "
+        f"float32, eval, `inference_mode`; median of {args.repeats} interleaved rounds after {args.warmup} warm-up "
         f"calls each; torch {torch.__version__}, timm {timm.__version__}).",
         "",
         "* **a** — timm `resnet50d` + `retrofit.add_attention(model, \"eca\")`, identity init (16 ECA gates)",
@@ -132,19 +139,31 @@ def render(results: dict[str, dict[str, float]], args: argparse.Namespace, threa
         "* **c** — timm `resnet50d` alone",
         "* **d** — **a** with its 16 gates swapped for `nn.Identity`: what the rewritten owners themselves cost",
         "",
-        "Ratios are medians of the ratio within each round (the calls of a round run back to back).",
+        "Ratios are medians of the ratio within each round (the calls of a round run back to back). On CPU",
+        "the process's CPU time is given too: on one thread it is the latency less the time other",
+        "processes held the core.",
         "",
-        "| device | a (ms) | b (ms) | c (ms) | d (ms) | a/b (goal ≤ 1.00) | a/c (goal ≤ 1.03) | d/c |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| device | clock | a (ms) | b (ms) | c (ms) | d (ms) | a/b (goal ≤ 1.00) | a/c (goal ≤ 1.03) | d/c |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for device, r in results.items():
-        where = f"CPU, {threads} thread(s), {platform.processor() or platform.machine()}" if device == "cpu" else (
-            f"CUDA, {torch.cuda.get_device_name()}")
-        lines.append(
-            f"| {where} | {1e3 * r['a']:.1f} | {1e3 * r['b']:.1f} | {1e3 * r['c']:.1f} | {1e3 * r['d']:.1f} | "
-            f"{r['a/b']:.3f} | {r['a/c']:.3f} | {r['d/c']:.3f} |"
-        )
+    for device, clocks in results.items():
+        where = f"CPU ({_cpu_name()}), {threads} thread(s)" if device == "cpu" else f"CUDA ({torch.cuda.get_device_name()})"
+        for clock, r in clocks.items():
+            lines.append(
+                f"| {where} | {'wall' if clock == 'wall' else 'CPU time'} | {1e3 * r['a']:.1f} | {1e3 * r['b']:.1f} | "
+                f"{1e3 * r['c']:.1f} | {1e3 * r['d']:.1f} | {r['a/b']:.3f} | {r['a/c']:.3f} | {r['d/c']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_section(path: Path, section: str) -> None:
