@@ -4,9 +4,10 @@ One epoch: (optionally frozen backbone) training with AdamW/SGD, a cosine schedu
 updated per optimizer step (timm ``CosineLRScheduler``), label smoothing, gradient accumulation
 and clipping, timm ``ModelEmaV3``; then BatchNorm statistics are averaged over ranks, the model
 (and the EMA) are evaluated (loss, top-1, top-5), and rank 0 writes, in this order,
-``last.safetensors``, ``best.safetensors`` (when improved), ``ema.safetensors`` (with EMA),
-``trainer_state.safetensors``, ``metrics.csv`` and ``curves.png`` — each atomically, so a
-kill at any moment leaves complete files from the last finished epoch.
+``trainer_state.safetensors``, ``last.safetensors``, ``ema.safetensors`` (with EMA),
+``best.safetensors`` (when improved), ``metrics.csv`` and ``curves.png`` — each atomically, so
+a kill at any moment leaves complete files; a resumed run first rewrites the outputs from the
+trainer state, so a kill between two of these writes loses nothing either.
 
 Resume is exact: the trainer state holds model, EMA and optimizer tensors, the scheduler
 position and every rank's RNG states, and the data order is a function of (seed, epoch)
@@ -58,7 +59,8 @@ class FinetuneResult:
 
     ``history``: one dict per completed epoch (columns of ``metrics.csv``); ``best``: ``{"epoch",
     "top1", "weights": "model"|"ema"}``; ``seconds``: wall time of this invocation;
-    ``rank_digests``: SHA-256 of each rank's final state dict (all equal after a correct DDP run).
+    ``rank_digests``: each rank's ``tensors_digest`` (SHA-256) of its final state dict, all equal after a
+    correct DDP run.
     """
 
     output: Path
@@ -147,8 +149,8 @@ class Trainer:
         """Refuse to overwrite a previous run unless --overwrite (then cleared once setup succeeds) or --resume."""
         previous = [name for name in RUN_FILES if (self.out / name).exists()]
         if self.config.resume:
-            if not (self.out / STATE_FILE).is_file() or not (self.out / LAST).is_file():
-                raise RetrofitError(f"nothing to resume in {self.out}: no {STATE_FILE} and {LAST} there (start without --resume)")
+            if not (self.out / STATE_FILE).is_file():
+                raise RetrofitError(f"nothing to resume in {self.out}: no {STATE_FILE} there (start without --resume)")
         elif previous and not self.config.overwrite:
             raise RetrofitError(
                 f"{self.out} already holds a run ({', '.join(previous[:3])}); pass --resume to continue it, "
@@ -182,9 +184,10 @@ class Trainer:
             mismatch = resume_mismatch(self.state.config, cfg)
             if mismatch:
                 raise RetrofitError(mismatch)
-            from ..checkpoint import read_recipe, rebuild
+            from ..checkpoint import rebuild
+            from ..recipe import Recipe
 
-            model = rebuild(read_recipe(self.out / LAST))
+            model = rebuild(Recipe.from_json(self.state.recipe))
         else:
             model = load_source(cfg)
 
@@ -212,6 +215,8 @@ class Trainer:
         self.prepare(model, len(self.train_loader))
         if self.state is not None:
             self._restore(self.state)
+            if d.is_main and self.history:
+                self._write_outputs()
         self.scheduler.step_update(self.updates)
 
     def prepare(self, model: nn.Module, batches_per_epoch: int) -> None:
@@ -434,24 +439,36 @@ class Trainer:
             "settings": self.config.to_dict(),
         }}
 
-    def _write_epoch(self, epoch: int, val: dict[str, float], ema_val: dict[str, float] | None, improved: str | None) -> None:
-        from ..checkpoint import save_checkpoint
-
-        save_checkpoint(self.model, self.out / LAST, extra=self._extra(epoch, "model", val))
-        if improved == "model":
-            save_checkpoint(self.model, self.out / BEST, extra=self._extra(epoch, "model", val))
-        if self.ema is not None and ema_val is not None:
-            if improved == "ema":
-                save_checkpoint(self.ema.module, self.out / BEST, extra=self._extra(epoch, "ema", ema_val))
-            save_checkpoint(self.ema.module, self.out / EMA, extra=self._extra(epoch, "ema", ema_val))
-
     def _write_state(self, rng: list[dict[str, Any]]) -> None:
+        from ..recipe import recipe_of
+
         save_trainer_state(
             self.out, epoch=self.epoch, updates=self.updates, model=self.model,
             ema=self.ema.module if self.ema is not None else None, optimizer=self.optimizer,
             scheduler_state=_jsonable(self.scheduler.state_dict()), rng=rng, best=self.best,
-            history=self.history, config=self.config.to_dict(),
+            history=self.history, config=self.config.to_dict(), recipe=recipe_of(self.model).to_json(),
         )
+
+    def _write_outputs(self) -> None:
+        """``last`` (and ``ema``), ``best`` when the current epoch is the best, ``metrics.csv``, ``curves.png``.
+
+        Everything comes from the in-memory state of the last completed epoch, so a resumed run
+        calls this once first: a kill between the trainer state and these files loses nothing.
+        """
+        from ..checkpoint import save_checkpoint
+
+        row = self.history[-1]
+        val = {"top1": row["val_top1"], "top5": row["val_top5"], "loss": row["val_loss"]}
+        ema_val = None
+        save_checkpoint(self.model, self.out / LAST, extra=self._extra(self.epoch, "model", val))
+        if self.ema is not None:
+            ema_val = {"top1": row["ema_val_top1"], "top5": row["ema_val_top5"], "loss": row["ema_val_loss"]}
+            save_checkpoint(self.ema.module, self.out / EMA, extra=self._extra(self.epoch, "ema", ema_val))
+        if self.best["epoch"] == self.epoch:
+            weights = self.best["weights"]
+            module = self.ema.module if weights == "ema" and self.ema is not None else self.model
+            metrics = ema_val if weights == "ema" and ema_val is not None else val
+            save_checkpoint(module, self.out / BEST, extra=self._extra(self.epoch, weights, metrics))
         write_metrics_csv(self.out / "metrics.csv", self.history)
         write_curves(self.out / "curves.png", self.history, describe_source(self.config))
 
@@ -537,9 +554,9 @@ class Trainer:
         self.epoch = epoch + 1
         self.history.append(row)
         rng = distributed.gather_objects(d, rng_state())
-        if d.is_main:
-            self._write_epoch(epoch + 1, val, ema_val, improved)
+        if d.is_main:  # the state first: with it, a resumed run can rewrite everything else
             self._write_state(rng)
+            self._write_outputs()
         distributed.barrier(d)
         self._say(self._epoch_line(row, improved is not None))
 

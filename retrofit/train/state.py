@@ -10,8 +10,8 @@ Tensors (safetensors):
 
 JSON (safetensors metadata ``retrofit.trainer_state``): format, completed epochs, optimizer
 updates, optimizer hyper-parameters per group (with parameter names), scheduler state, each
-rank's Python and NumPy RNG states, the best result so far, the per-epoch metrics history and
-the training settings. The file is written atomically like every checkpoint.
+rank's Python and NumPy RNG states, the best result so far, the per-epoch metrics history, the
+training settings and the model's recipe (so the state alone rebuilds the run). The file is written atomically like every checkpoint.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class TrainerState:
     best: dict[str, Any]
     history: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    recipe: str = ""
 
 
 def rng_state() -> dict[str, Any]:
@@ -135,10 +136,12 @@ def save_trainer_state(
     best: dict[str, Any],
     history: list[dict[str, Any]],
     config: dict[str, Any],
+    recipe: str,
 ) -> Path:
     """Write ``folder/trainer_state.safetensors`` atomically (see the module docstring for its layout).
 
-    ``rng`` holds one :func:`rng_state` per rank, rank 0 first.
+    ``rng`` holds one :func:`rng_state` per rank, rank 0 first; ``recipe`` is the model's recipe
+    JSON (:class:`retrofit.recipe.Recipe`), enough to rebuild the architecture.
     """
     from safetensors.torch import save
 
@@ -166,6 +169,7 @@ def save_trainer_state(
         "best": best,
         "history": history,
         "config": config,
+        "recipe": recipe,
     }
     path = Path(folder) / STATE_FILE
     atomic_write_bytes(path, save(_contiguous_unshared(tensors), metadata={_META_KEY: json.dumps(record)}))
@@ -211,6 +215,7 @@ def load_trainer_state(folder: str | os.PathLike) -> TrainerState:
         best=record["best"],
         history=record["history"],
         config=record["config"],
+        recipe=record["recipe"],
     )
 
 
