@@ -11,7 +11,9 @@ loss checks and accumulation logic; the plain side is::
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 
 Rounds alternate plain / retrofit (ABBA order) so that a machine whose load drifts slows both
-alike; the report gives the median images/s of each and their ratio (goal: ≥ 0.95 on CPU). On CUDA the
+alike; the report gives the median images/s of each and their ratio (goal: ≥ 0.95 on CPU), and
+images per CPU-second of the process — on a CPU shared with other jobs, wall-clock rates swing
+while CPU time per image stays put, so that ratio is the steadier one there. On CUDA the
 benchmark runs fp32 and then bf16 autocast + channels_last.
 
     python benchmarks/train.py                         # Lite0 + ECA, 64 px, batch 32, CPU
@@ -47,14 +49,15 @@ def plain_epoch(model, optimizer, batches, autocast_dtype, device, label_smoothi
         optimizer.zero_grad(set_to_none=True)
 
 
-def timed(fn, device) -> float:
+def timed(fn, device) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of ``fn()``, CUDA work included via synchronize."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(args, device, precision: str, channels_last: bool) -> dict:
@@ -89,21 +92,25 @@ def measure(args, device, precision: str, channels_last: bool) -> dict:
 
     run_plain(), run_retrofit()  # warm-up: allocator, oneDNN/cuDNN kernels
     plain, ours = [], []
-    images = args.batch_size * args.batches
     for r in range(args.rounds):  # ABBA order: neither side always runs first
         if r % 2 == 0:
-            plain.append(images / timed(run_plain, device))
-            ours.append(images / timed(run_retrofit, device))
+            plain.append(timed(run_plain, device))
+            ours.append(timed(run_retrofit, device))
         else:
-            ours.append(images / timed(run_retrofit, device))
-            plain.append(images / timed(run_plain, device))
-    p, o = statistics.median(plain), statistics.median(ours)
+            ours.append(timed(run_retrofit, device))
+            plain.append(timed(run_plain, device))
+    images = args.batch_size * args.batches
+    p, o = (statistics.median(images / wall for wall, _ in side) for side in (plain, ours))
+    # CPU seconds per image barely move when other jobs share the cores (wall time does)
+    p_cpu, o_cpu = (images / sum(cpu for _, cpu in side) * len(side) for side in (plain, ours))
     return {
         "device": str(device), "precision": "bf16 autocast" if dtype else "fp32", "channels_last": channels_last,
         "model": args.model, "block": args.block, "img_size": args.img_size, "batch_size": args.batch_size,
         "batches": args.batches, "rounds": args.rounds, "threads": torch.get_num_threads(), "ema": args.ema,
         "plain_images_per_s": round(p, 2), "retrofit_images_per_s": round(o, 2), "ratio": round(o / p, 4),
-        "plain_rounds": [round(v, 2) for v in plain], "retrofit_rounds": [round(v, 2) for v in ours],
+        "plain_images_per_cpu_s": round(p_cpu, 2), "retrofit_images_per_cpu_s": round(o_cpu, 2),
+        "cpu_ratio": round(o_cpu / p_cpu, 4),
+        "plain_rounds": [round(images / w, 2) for w, _ in plain], "retrofit_rounds": [round(images / w, 2) for w, _ in ours],
     }
 
 
@@ -133,7 +140,9 @@ def main() -> None:
         print(f"{r['model']}+{r['block']} {r['img_size']}px batch {r['batch_size']} on {r['device']} "
               f"({r['precision']}, channels_last={r['channels_last']}, {r['threads']} threads): "
               f"plain {r['plain_images_per_s']:.1f} img/s, retrofit {r['retrofit_images_per_s']:.1f} img/s, "
-              f"ratio {r['ratio']:.3f}  (rounds: plain {r['plain_rounds']}, retrofit {r['retrofit_rounds']})")
+              f"ratio {r['ratio']:.3f}; per CPU second: plain {r['plain_images_per_cpu_s']:.1f}, retrofit "
+              f"{r['retrofit_images_per_cpu_s']:.1f}, ratio {r['cpu_ratio']:.3f}  "
+              f"(rounds, img/s: plain {r['plain_rounds']}, retrofit {r['retrofit_rounds']})")
 
 
 if __name__ == "__main__":
