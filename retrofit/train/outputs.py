@@ -57,16 +57,18 @@ def write_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
     epochs = [r["epoch"] for r in history]
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")):
+    for key, label, color in (("train_loss", "train (label-smoothed)", "C0"), ("val_loss", "val", "C1"),
+                              ("ema_val_loss", "val (EMA)", "C2")):
         values = [r.get(key) for r in history]
         if any(_number(v) for v in values):
-            loss_ax.plot(epochs, [v if _number(v) else math.nan for v in values], marker="o", label=label)
+            loss_ax.plot(epochs, [v if _number(v) else math.nan for v in values], marker="o", label=label, color=color)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     loss_ax.legend()
-    for key, label in (("val_top1", "val"), ("ema_val_top1", "val (EMA)")):
+    for key, label, color in (("val_top1", "val", "C1"), ("ema_val_top1", "val (EMA)", "C2")):
         values = [r.get(key) for r in history]
         if any(_number(v) for v in values):
-            acc_ax.plot(epochs, [100 * v if _number(v) else math.nan for v in values], marker="o", label=label)
+            acc_ax.plot(epochs, [100 * v if _number(v) else math.nan for v in values], marker="o", label=label,
+                        color=color)
     acc_ax.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1")
     acc_ax.legend()
     for ax in (loss_ax, acc_ax):
