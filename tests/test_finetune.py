@@ -190,6 +190,35 @@ def test_torchrun_two_cpu_processes_agree_and_write_once(small_digits, lite0_wei
     load_checkpoint(out / "last.safetensors")
 
 
+_TEARDOWN_SCRIPT = """
+import os, sys, torch
+from retrofit.train import distributed
+d = distributed.setup("cpu")
+import timm.utils  # imports torch._dynamo, as a finetune run does after setup
+from torch.nn.parallel import DistributedDataParallel
+model = DistributedDataParallel(torch.nn.Linear(4, 2))
+model(torch.ones(2, 4)).sum().backward()
+distributed.all_reduce_sum(d, torch.ones(3))
+del model
+distributed.teardown(d)
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {d.rank} gloo threads after teardown: {sum('gloo' in n for n in names)}")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_teardown_frees_the_gloo_group(tmp_path):
+    """A group still alive after teardown is destroyed at interpreter exit, where Gloo can abort a
+    finished run ("terminate called without an active exception"); seen in CI under torchrun."""
+    script = tmp_path / "teardown.py"
+    script.write_text(_TEARDOWN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if "gloo threads" in line)
+    assert lines == ["rank 0 gloo threads after teardown: 0", "rank 1 gloo threads after teardown: 0"], proc.stdout
+
+
 # ------------------------------------------------------------------ 4: SIGKILL
 @pytest.mark.slow
 def test_sigkill_during_training_leaves_a_loadable_last(small_digits, lite0_weights, tmp_path):

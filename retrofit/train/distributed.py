@@ -56,6 +56,11 @@ def setup(device_choice: str) -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        # torch._dynamo (imported by timm) keeps a reference to a process group that exists when
+        # it is first imported; destroy_process_group then cannot free it, and Gloo's threads,
+        # torn down at interpreter exit, can abort a run that succeeded. Import it first.
+        import torch._dynamo  # noqa: F401
+
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=30)}
         if device.type == "cuda":
@@ -65,7 +70,11 @@ def setup(device_choice: str) -> Dist:
 
 
 def teardown(d: Dist) -> None:
+    """Leave the process group: collect what still refers to it (a dropped DDP wrapper), then destroy it."""
     if d.distributed and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -87,9 +87,13 @@ def finetune(config: FinetuneConfig, console: Any = None) -> FinetuneResult:
     config.validate()
     config = _absolute_paths(config)
     d = distributed.setup(config.device)
+    trainer = None
     try:
-        return Trainer(config, d, console).run()
+        trainer = Trainer(config, d, console)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.release()
         distributed.teardown(d)
 
 
@@ -303,6 +307,15 @@ class Trainer:
         if self.config.compile:
             wrapped = torch.compile(wrapped)
         self.forward_model = wrapped
+
+    def release(self) -> None:
+        """Drop the DDP wrapper before the process group is destroyed.
+
+        A ``DistributedDataParallel`` still alive when ``destroy_process_group`` runs keeps Gloo's
+        threads until interpreter exit, where the process can abort ("terminate called without an
+        active exception") after a run that succeeded.
+        """
+        self.forward_model = None
 
     # ---------------------------------------------------------------- epochs
     def _autocast(self) -> contextlib.AbstractContextManager:
