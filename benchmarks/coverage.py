@@ -56,6 +56,9 @@ DOC = ROOT / "docs" / "coverage.md"
 MAX_PARAMS = 1_000_000_000
 SMALL_SIDES = (64, 96, 128)
 RTOL = 1e-5
+#: A worker retires after this many models: one that has checked hundreds of models runs each
+#: several times slower than a fresh process does.
+MODELS_PER_WORKER = 40
 #: How an allocation refused by the worker's memory limit shows up in torch's errors.
 _OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "bad_alloc", "MemoryError")
 
@@ -398,7 +401,8 @@ def check_model(zoo: str, name: str, workdir: str | os.PathLike | None = None) -
         _, failures = find_sites(model, size)
         reasons = {f.owner: f.reason.splitlines()[0][:200] for f in failures}
         rec["why_without_site"] = {
-            o: reasons.get(o, "its 4-D addition is not a residual site (no common ancestor in the module)")
+            o: reasons.get(o, "its addition is no residual unit by retrofit's rules (a sum of two computed terms, "
+                           "or nested in another unit's branch)")
             for o in rec["owners_without_site"]
         }
 
@@ -461,7 +465,7 @@ def worker(todo: Path, results: Path, progress: Path, memory_gb: float) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    for line in todo.read_text().splitlines():
+    for line in todo.read_text().splitlines()[:MODELS_PER_WORKER]:
         zoo, name = line.split()
         progress.write_text(json.dumps({"zoo": zoo, "name": name, "start": time.time()}))
         try:
@@ -507,8 +511,8 @@ def sweep(models: list[tuple[str, str]], results: Path, budget: float, memory_gb
                     killed = current
             written = len(results.read_text().splitlines()) if results.exists() else 0
             remaining = remaining[written - before:]
-            if not remaining:
-                break
+            if not remaining or (killed is None and proc.returncode == 0):
+                continue  # done, or the worker retired after its share: start a fresh one
             zoo, name = remaining.pop(0)  # the model the worker was on when it stopped
             if killed is not None:
                 kind, reason = "timeout", f"over the sweep's {budget:g} s budget per model"
@@ -517,6 +521,8 @@ def sweep(models: list[tuple[str, str]], results: Path, budget: float, memory_gb
             _append(results, {"zoo": zoo, "name": name, "family": family_of(zoo, name), "status": "skip",
                               "kind": kind, "reason": reason, "seconds": budget if killed else None})
             print(f"{zoo} {name}: {kind}", file=sys.stderr)
+    # one line per model (a redone model's later record replaces its earlier one)
+    results.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in read_results(results)))
 
 
 # --------------------------------------------------------------------------- report
