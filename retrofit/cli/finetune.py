@@ -6,11 +6,12 @@ Parsing and printing only; the engine is :func:`retrofit.train.finetune`. Under
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, get_args
 
 import typer
 
@@ -19,6 +20,31 @@ from .add import (
     ReplaceOpt, StagesOpt, WeightsOpt,
 )
 from .app import app, fail, handle_errors, parse_ints
+
+DATA_PANEL, RECIPE_PANEL, DEVICE_PANEL, OUTPUT_PANEL = "Data", "Training recipe", "Device", "Output"
+INSERTION_PANEL = "Model and insertion (with a model name)"
+
+
+def _in_panel(option: Any, panel: str) -> Any:
+    """A copy of a shared ``Annotated[type, typer.Option(...)]`` shown in help panel ``panel``."""
+    base, info = get_args(option)
+    info = copy.copy(info)
+    info.rich_help_panel = panel
+    return Annotated[base, info]
+
+
+Placement = _in_panel(PlacementOpt, INSERTION_PANEL)
+Init = _in_panel(InitOpt, INSERTION_PANEL)
+Reduction = _in_panel(ReductionOpt, INSERTION_PANEL)
+Kernel = _in_panel(KernelOpt, INSERTION_PANEL)
+Groups = _in_panel(GroupsOpt, INSERTION_PANEL)
+Include = _in_panel(IncludeOpt, INSERTION_PANEL)
+Exclude = _in_panel(ExcludeOpt, INSERTION_PANEL)
+Stages = _in_panel(StagesOpt, INSERTION_PANEL)
+Replace = _in_panel(ReplaceOpt, INSERTION_PANEL)
+Weights = _in_panel(WeightsOpt, INSERTION_PANEL)
+NoPretrained = _in_panel(NoPretrainedOpt, INSERTION_PANEL)
+Json = _in_panel(JsonOpt, OUTPUT_PANEL)
 
 SourceArg = Annotated[str, typer.Argument(
     help="A retrofit checkpoint (.safetensors) or a model name: timm (tf_efficientnet_lite0), torchvision:NAME, hf-hub:ORG/NAME.")]
@@ -45,58 +71,58 @@ def _floats(text: str, what: str, count: int) -> list[float]:
 def finetune(
     source: SourceArg,
     data: Annotated[str, typer.Option(
-        "--data", help="ImageFolder root with train/<class>/… and val/<class>/… (or the train root, with --val-data), "
+        "--data", rich_help_panel=DATA_PANEL, help="ImageFolder root with train/<class>/… and val/<class>/… (or the train root, with --val-data), "
                        "or torchvision:NAME, e.g. torchvision:CIFAR10.")],
-    val_data: Annotated[Optional[Path], typer.Option("--val-data", help="Validation ImageFolder root (then --data is the train root).")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs; the cosine schedule spans all of them.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step and process.")] = 64,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Square input side in pixels (default: the model's).")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the backbone.")] = 1e-3,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder. Default: finetune-<source>[-<block>].")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last completed epoch.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --output that holds a previous run.")] = False,
-    block: Annotated[Optional[str], typer.Option("--block", help="Insert this block first: eca, se, se-var1, se-var2, se-var3, se-gc.")] = None,
-    placement: PlacementOpt = "standard",
-    init: InitOpt = "identity",
-    reduction: ReductionOpt = 16,
-    kernel_size: KernelOpt = None,
-    groups: GroupsOpt = None,
-    include: IncludeOpt = None,
-    exclude: ExcludeOpt = None,
-    stages: StagesOpt = None,
-    replace_existing: ReplaceOpt = False,
-    weights: WeightsOpt = None,
-    no_pretrained: NoPretrainedOpt = False,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sgd (Nesterov momentum).")] = "adamw",
-    min_lr: Annotated[float, typer.Option("--min-lr", help="Learning rate at the end of the cosine schedule.")] = 1e-6,
-    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warmup length in epochs (may be fractional).")] = 1.0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Decoupled (AdamW) or L2 (SGD) decay; never on norms, biases, gates.")] = 0.05,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the training loss.")] = 0.1,
-    new_lr_mult: Annotated[float, typer.Option("--new-lr-mult", help="Learning-rate factor of the inserted blocks and the head.")] = 10.0,
+    val_data: Annotated[Optional[Path], typer.Option("--val-data", rich_help_panel=DATA_PANEL, help="Validation ImageFolder root (then --data is the train root).")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", rich_help_panel=RECIPE_PANEL, help="Epochs; the cosine schedule spans all of them.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", rich_help_panel=RECIPE_PANEL, help="Images per step and process.")] = 64,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", rich_help_panel=DATA_PANEL, help="Square input side in pixels (default: the model's).")] = None,
+    lr: Annotated[float, typer.Option("--lr", rich_help_panel=RECIPE_PANEL, help="Peak learning rate of the backbone.")] = 1e-3,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", rich_help_panel=OUTPUT_PANEL, help="Run folder. Default: finetune-<source>[-<block>].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT_PANEL, help="Continue the run in --output from its last completed epoch.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUTPUT_PANEL, help="Start over in an --output that holds a previous run.")] = False,
+    block: Annotated[Optional[str], typer.Option("--block", rich_help_panel=INSERTION_PANEL, help="Insert this block first: eca, se, se-var1, se-var2, se-var3, se-gc.")] = None,
+    placement: Placement = "standard",
+    init: Init = "identity",
+    reduction: Reduction = 16,
+    kernel_size: Kernel = None,
+    groups: Groups = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    stages: Stages = None,
+    replace_existing: Replace = False,
+    weights: Weights = None,
+    no_pretrained: NoPretrained = False,
+    optimizer: Annotated[str, typer.Option("--optimizer", rich_help_panel=RECIPE_PANEL, help="adamw or sgd (Nesterov momentum).")] = "adamw",
+    min_lr: Annotated[float, typer.Option("--min-lr", rich_help_panel=RECIPE_PANEL, help="Learning rate at the end of the cosine schedule.")] = 1e-6,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", rich_help_panel=RECIPE_PANEL, help="Linear warmup length in epochs (may be fractional).")] = 1.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel=RECIPE_PANEL, help="Decoupled (AdamW) or L2 (SGD) decay; never on norms, biases, gates.")] = 0.05,
+    momentum: Annotated[float, typer.Option("--momentum", rich_help_panel=RECIPE_PANEL, help="SGD momentum.")] = 0.9,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", rich_help_panel=RECIPE_PANEL, help="Label smoothing of the training loss.")] = 0.1,
+    new_lr_mult: Annotated[float, typer.Option("--new-lr-mult", rich_help_panel=RECIPE_PANEL, help="Learning-rate factor of the inserted blocks and the head.")] = 10.0,
     freeze_backbone_epochs: Annotated[int, typer.Option(
-        "--freeze-backbone-epochs", help="First train only the inserted blocks and the head for N epochs (BatchNorm statistics frozen too).")] = 0,
-    accum_steps: Annotated[int, typer.Option("--accum-steps", help="Gradient accumulation: micro-batches per optimizer step.")] = 1,
-    clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the global gradient L2 norm to this value.")] = None,
-    ema: Annotated[bool, typer.Option("--ema", help="Keep timm's EMA of the weights; evaluate it and save ema.safetensors.")] = False,
-    ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay (reached after timm's warmup).")] = 0.9998,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, data order and augmentation.")] = 0,
-    hflip: Annotated[float, typer.Option("--hflip", help="Horizontal-flip probability of the training augmentation.")] = 0.5,
-    scale: Annotated[str, typer.Option("--scale", help="MIN,MAX area fraction of the random-resized crop.")] = "0.08,1.0",
-    color_jitter: Annotated[float, typer.Option("--color-jitter", help="Colour-jitter strength (0 = off).")] = 0.4,
-    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Skip unreadable images (counted) instead of stopping.")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Data-loading processes per rank (default: min(4, CPUs)).")] = None,
-    download: Annotated[bool, typer.Option("--download", help="Download a torchvision:NAME dataset when missing.")] = False,
+        "--freeze-backbone-epochs", rich_help_panel=RECIPE_PANEL, help="First train only the inserted blocks and the head for N epochs (BatchNorm statistics frozen too).")] = 0,
+    accum_steps: Annotated[int, typer.Option("--accum-steps", rich_help_panel=RECIPE_PANEL, help="Gradient accumulation: micro-batches per optimizer step.")] = 1,
+    clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", rich_help_panel=RECIPE_PANEL, help="Clip the global gradient L2 norm to this value.")] = None,
+    ema: Annotated[bool, typer.Option("--ema", rich_help_panel=RECIPE_PANEL, help="Keep timm's EMA of the weights; evaluate it and save ema.safetensors.")] = False,
+    ema_decay: Annotated[float, typer.Option("--ema-decay", rich_help_panel=RECIPE_PANEL, help="EMA decay (reached after timm's warmup).")] = 0.9998,
+    seed: Annotated[int, typer.Option("--seed", rich_help_panel=RECIPE_PANEL, help="Seed of initialisation, data order and augmentation.")] = 0,
+    hflip: Annotated[float, typer.Option("--hflip", rich_help_panel=DATA_PANEL, help="Horizontal-flip probability of the training augmentation.")] = 0.5,
+    scale: Annotated[str, typer.Option("--scale", rich_help_panel=DATA_PANEL, help="MIN,MAX area fraction of the random-resized crop.")] = "0.08,1.0",
+    color_jitter: Annotated[float, typer.Option("--color-jitter", rich_help_panel=DATA_PANEL, help="Colour-jitter strength (0 = off).")] = 0.4,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", rich_help_panel=DATA_PANEL, help="Skip unreadable images (counted) instead of stopping.")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", rich_help_panel=DATA_PANEL, help="Data-loading processes per rank (default: min(4, CPUs)).")] = None,
+    download: Annotated[bool, typer.Option("--download", rich_help_panel=DATA_PANEL, help="Download a torchvision:NAME dataset when missing.")] = False,
     dataset_root: Annotated[Optional[Path], typer.Option(
-        "--dataset-root", help="Folder of torchvision datasets (default ~/.cache/retrofit/datasets).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cuda or cpu.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.")] = "auto",
+        "--dataset-root", rich_help_panel=DATA_PANEL, help="Folder of torchvision datasets (default ~/.cache/retrofit/datasets).")] = None,
+    device: Annotated[str, typer.Option("--device", rich_help_panel=DEVICE_PANEL, help="auto (CUDA when present), cuda or cpu.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", rich_help_panel=DEVICE_PANEL, help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.")] = "auto",
     channels_last: Annotated[Optional[bool], typer.Option(
-        "--channels-last/--no-channels-last", help="Memory format (default: channels_last on CUDA).")] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="Wrap the model in torch.compile.")] = False,
+        "--channels-last/--no-channels-last", rich_help_panel=DEVICE_PANEL, help="Memory format (default: channels_last on CUDA).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", rich_help_panel=DEVICE_PANEL, help="Wrap the model in torch.compile.")] = False,
     until_epoch: Annotated[Optional[int], typer.Option(
-        "--until-epoch", help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")] = None,
-    as_json: JsonOpt = False,
+        "--until-epoch", rich_help_panel=OUTPUT_PANEL, help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")] = None,
+    as_json: Json = False,
 ) -> None:
     """Fine-tune SOURCE on an image dataset; write last/best checkpoints, metrics.csv and curves.png."""
     insertion = {"--placement": placement != "standard", "--init": init != "identity", "--reduction": reduction != 16,
