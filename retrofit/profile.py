@@ -223,6 +223,8 @@ class Latency:
     Attributes:
         median_ms: median of the timed runs, milliseconds.
         min_ms: fastest timed run, milliseconds.
+        p25_ms, p75_ms: first and third quartile of the timed runs, milliseconds: the
+            run-to-run spread; a difference of medians smaller than it is not a measured one.
         runs, warmup: how many timed and untimed forward passes.
         device: ``"cpu"`` or the CUDA device's name, e.g. ``"cuda:0 (NVIDIA H200)"``.
         threads: ``torch.get_num_threads()`` during the runs (intra-op CPU threads).
@@ -231,15 +233,23 @@ class Latency:
 
     median_ms: float
     min_ms: float
+    p25_ms: float
+    p75_ms: float
     runs: int
     warmup: int
     device: str
     threads: int
     batch_size: int
 
+    @property
+    def spread_ms(self) -> float:
+        """Interquartile range of the timed runs (``p75_ms - p25_ms``), milliseconds."""
+        return self.p75_ms - self.p25_ms
+
     def to_dict(self) -> dict[str, Any]:
-        return {"median_ms": self.median_ms, "min_ms": self.min_ms, "runs": self.runs, "warmup": self.warmup,
-                "device": self.device, "threads": self.threads, "batch_size": self.batch_size}
+        return {"median_ms": self.median_ms, "min_ms": self.min_ms, "p25_ms": self.p25_ms, "p75_ms": self.p75_ms,
+                "runs": self.runs, "warmup": self.warmup, "device": self.device, "threads": self.threads,
+                "batch_size": self.batch_size}
 
 
 @dataclass(frozen=True)
@@ -557,11 +567,12 @@ def measure_latencies(
         for _ in range(runs):
             for m, x, t in zip(models, inputs, times):
                 t.append(_timed_forward(m, x))
-    return [
-        Latency(1e3 * statistics.median(t), 1e3 * min(t), runs, warmup, _device_name(x.device),
-                torch.get_num_threads(), batch_size)
-        for x, t in zip(inputs, times)
-    ]
+    out = []
+    for x, t in zip(inputs, times):
+        q1, _, q3 = statistics.quantiles(t, n=4)
+        out.append(Latency(1e3 * statistics.median(t), 1e3 * min(t), 1e3 * q1, 1e3 * q3, runs, warmup,
+                           _device_name(x.device), torch.get_num_threads(), batch_size))
+    return out
 
 
 def _timed_forward(model: nn.Module, x: torch.Tensor) -> float:

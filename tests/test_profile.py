@@ -205,9 +205,25 @@ def test_latency_is_a_median_of_20_runs_naming_device_and_threads():
     p = profile(nn.Conv2d(3, 8, 3), (3, 16, 16), latency=True)
     lat = p.latency
     assert (lat.runs, lat.warmup, lat.device, lat.threads, lat.batch_size) == (20, 5, "cpu", torch.get_num_threads(), 1)
-    assert 0 < lat.min_ms <= lat.median_ms
+    assert 0 < lat.min_ms <= lat.p25_ms <= lat.median_ms <= lat.p75_ms
+    assert lat.spread_ms == lat.p75_ms - lat.p25_ms
     with pytest.raises(RetrofitError, match="at least 20"):
         profile(nn.Conv2d(3, 8, 3), (3, 16, 16), latency=True, runs=5)
+
+
+def test_latency_delta_inside_the_run_spread_is_called_no_difference():
+    from retrofit.cli.report import _latency_spread
+
+    def report(base_ms, model_ms):
+        lat = lambda q1, m, q3: {"p25_ms": q1, "median_ms": m, "p75_ms": q3}  # noqa: E731
+        return {"base": {"latency": lat(*base_ms)}, "model": {"latency": lat(*model_ms)}}
+
+    noisy = _latency_spread(report((9.0, 10.0, 11.0), (9.5, 10.5, 11.5)))  # Δ 0.5 ms, spread 2 ms
+    assert noisy.startswith("latency spread (p25–p75 of the runs): base 9.00–11.00 ms, retrofitted 9.50–11.50 ms")
+    assert "no difference was measured" in noisy
+    clear = _latency_spread(report((9.9, 10.0, 10.1), (10.9, 11.0, 11.1)))  # Δ 1 ms, spread 0.2 ms
+    assert "no difference" not in clear
+    assert _latency_spread({"base": None, "model": {"latency": None}}) is None
 
 
 # --- acceptance 3 and 5: a checkpoint through the CLI ------------------------------------

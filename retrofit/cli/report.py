@@ -46,7 +46,8 @@ _SITE_COLUMNS = ("key", "owner", "block", "setting", "channels", "height", "widt
         "layer/group norm 5 per element (4 without affine).\n\n"
         "Views, padding and copies cost nothing; any other op without a rule is listed as uncounted.\n\n"
         "One forward pass in eval mode under no_grad on seeded noise; the model is not changed. "
-        "--latency: median of 20 timed passes after 5 warm-up passes, naming the device and thread count.\n\n"
+        "--latency: median of 20 timed passes after 5 warm-up passes, naming the device and thread count, "
+        "with the spread of the runs (p25–p75); a Δ inside that spread is reported as no measured difference.\n\n"
         "Details and the JSON keys: docs/profile.md."
     ),
 )
@@ -138,6 +139,23 @@ def _latency_setup(data: dict[str, Any]) -> str:
             f"{lat['threads']} threads")
 
 
+def _latency_spread(data: dict[str, Any]) -> str | None:
+    """The run-to-run spread of the timings, and whether the Δ of medians is inside it."""
+    model, base = data["model"]["latency"], (data["base"] or {}).get("latency")
+    if not model:
+        return None
+    def quartiles(lat: dict[str, Any]) -> str:
+        return f"{lat['p25_ms']:.2f}–{lat['p75_ms']:.2f} ms"
+    if not base:
+        return f"latency spread (p25–p75 of the runs): {quartiles(model)}"
+    spread = max(model["p75_ms"] - model["p25_ms"], base["p75_ms"] - base["p25_ms"])
+    text = f"latency spread (p25–p75 of the runs): base {quartiles(base)}, retrofitted {quartiles(model)}"
+    if abs(model["median_ms"] - base["median_ms"]) <= spread:
+        text += ("; the Δ is within it, so no difference was measured (time on an idle machine, "
+                 "or with benchmarks/inference.py)")
+    return text
+
+
 def _metric_rows(data: dict[str, Any], latency_setup: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the totals table, formatted for people (latency setup in its label or not)."""
     model, base = data["model"], data["base"]
@@ -194,9 +212,9 @@ def _markdown(data: dict[str, Any], per_site: bool) -> str:
     lines = _md_table(header, rows)
     if per_site:
         lines += [""] + _md_table(*_site_rows(data))
-    note = _uncounted(data)
-    if note:
-        lines += ["", note]
+    for note in (_latency_spread(data), _uncounted(data)):
+        if note:
+            lines += ["", note]
     return "\n".join(lines)
 
 
@@ -238,6 +256,7 @@ def _print_rich(data: dict[str, Any], per_site: bool) -> None:
     console.print(table)
     if data["model"]["latency"]:
         console.print(f"latency: {_latency_setup(data)}", markup=False)
+        console.print(_latency_spread(data), markup=False)
     if per_site:
         header, rows = _site_rows(data)
         sites = Table(title=f"{len(rows) - 1} inserted blocks", box=box.SIMPLE_HEAD, pad_edge=False,
