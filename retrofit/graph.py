@@ -33,7 +33,7 @@ import re
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -487,6 +487,16 @@ def is_feature_map(shape: torch.Size, input_size: tuple[int, int, int]) -> bool:
     _, in_h, in_w = input_size
     h, w = int(shape[2]), int(shape[3])
     return abs(h * in_w - w * in_h) <= max(in_h, in_w)
+
+
+def stages_measurable(sites: Sequence[Site]) -> bool:
+    """Whether the sites' stride stages can be read off the probe: no residual map of 1 pixel.
+
+    A map that has shrunk to one pixel (a probe input smaller than the model's stride) looks the
+    same at every later stride, so its stage number would be wrong; ``--stages`` and per-stage
+    kernel sizes refuse such a probe.
+    """
+    return all(min(s.height, s.width) > 1 for s in sites)
 
 
 def _stage(input_h: int, h: int) -> int:

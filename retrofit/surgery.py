@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from .blocks import block_class, create_block
 from .errors import RetrofitError
-from .graph import Site, TraceFailure, default_input_size, find_sites, trace_owner
+from .graph import Site, TraceFailure, default_input_size, find_sites, stages_measurable, trace_owner
 
 PLACEMENTS = ("standard", "pre", "post", "identity")
 #: Attribute that marks a rewritten owner; holds its :class:`InsertedSite` list.
@@ -173,6 +173,11 @@ def add_attention(
     all_sites, failures = find_sites(model, input_size)
     if not all_sites:
         raise RetrofitError(no_site_message(model, failures))
+    if (stages or isinstance(kernel_size, (list, tuple))) and not stages_measurable(all_sites):
+        raise RetrofitError(
+            f"at input size {'×'.join(map(str, input_size))} some residual maps shrink to 1 pixel, so their "
+            "stride stages cannot be told apart; --stages and per-stage kernel sizes need a larger input size"
+        )
     sites = select_sites(all_sites, include=include, exclude=exclude, stages=stages)
     kernel_for_stage = _kernel_per_stage(kernel_size, sites)
 

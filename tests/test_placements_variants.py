@@ -66,6 +66,17 @@ def test_kernel_list_must_match_stage_count(resnet50):
         retrofit.add_attention(copy.deepcopy(resnet50), "eca", kernel_size=[3, 5, 7])
 
 
+def test_stages_refused_when_the_probe_collapses_maps_to_one_pixel(resnet50):
+    # at 8×8 layer2…layer4 are all 1×1: their strides (8, 16, 32) cannot be told apart
+    for kwargs in ({"stages": [4]}, {"kernel_size": [3, 5, 5, 7]}):
+        with pytest.raises(RetrofitError, match="shrink to 1 pixel"):
+            retrofit.add_attention(copy.deepcopy(resnet50), "eca", input_size=(3, 8, 8), **kwargs)
+    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", input_size=(3, 8, 8))  # stages unused
+    assert len(sites) == 16
+    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", input_size=(3, 64, 64), stages=[4])
+    assert [s.site.stage for s in sites] == [4, 4, 4]
+
+
 def test_variant_parameter_counts_and_backward(resnet50):
     sum_c = 3 * 256 + 4 * 512 + 6 * 1024 + 3 * 2048
     sum_c2 = 3 * 256**2 + 4 * 512**2 + 6 * 1024**2 + 3 * 2048**2
@@ -141,6 +152,9 @@ def test_sites_command_lists_without_changing(tmp_path):
                        "width": 56, "stage": 1, "shortcut": "projection"}
     assert rows[-1]["shortcut"] == "identity" and rows[-1]["stage"] == 4
     assert json.loads(result.output)["untraced"] == []
+    assert json.loads(result.output)["stages_measurable"] is True
+    tiny = CliRunner().invoke(app, ["sites", "resnet50", "--json", "--input-size", "3,8,8"])
+    assert json.loads(tiny.output)["stages_measurable"] is False
 
 
 def test_replace_existing_on_mobilenetv3_swaps_se_for_eca(tmp_path):

@@ -288,10 +288,11 @@ def sites(
     """List the residual sites of MODEL (owner, C, H×W, stage) without changing anything."""
     size = parse_input_size(input_size)
     from ..errors import RetrofitError
-    from ..graph import find_sites
+    from ..graph import default_input_size, find_sites, stages_measurable
     from ..models import load_model
 
     net, _, _ = load_model(model, pretrained=False)
+    size = size or default_input_size(net)
     found, failures = find_sites(net, size)
     if not found:
         from ..surgery import no_site_message
@@ -305,7 +306,8 @@ def sites(
     ]
     untraced = [{"owner": f.owner, "type": f.module_type, "reason": f.reason} for f in failures]
     if as_json:
-        typer.echo(json.dumps({"model": model, "sites": rows, "untraced": untraced}, indent=2))
+        typer.echo(json.dumps({"model": model, "input_size": list(size), "stages_measurable": stages_measurable(found),
+                               "sites": rows, "untraced": untraced}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -318,5 +320,8 @@ def sites(
                       str(r["stage"]), r["shortcut"])
     console = Console()
     console.print(table)
+    if not stages_measurable(found):
+        console.print(f"[yellow]note[/yellow] at input size {'×'.join(map(str, size))} some maps shrink to "
+                      "1 pixel: the stage numbers are not reliable (use a larger --input-size)")
     for f in untraced:  # honest about what could not be looked into
         console.print(f"[yellow]not traced[/yellow] {f['owner'] or '<root>'} ({f['type']}): {f['reason']}")
