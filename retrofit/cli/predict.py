@@ -71,12 +71,14 @@ def compare(
     if as_json:
         typer.echo(json.dumps({"base": base, "other": other, "images": rows}, indent=2))
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"top-{top}: {base}  vs  {other}")
-    for col in ("image", "base", "other", "same", "max |Δ logit|"):
-        table.add_column(col)
+    table = Table(title=f"top-{top}: {base}  vs  {other}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("image", overflow="fold")
+    for col in ("base", "other", "same", "max |Δ logit|"):  # class lists stay on one line
+        table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(Path(r["image"]).name, " ".join(map(str, r["base"])), " ".join(map(str, r["other"])),
                       "yes" if r["same_top_k"] else "NO", f"{r['max_abs_logit_diff']:.2e}")
