@@ -27,6 +27,7 @@ mode under ``no_grad``, and every module's mode, buffers and attributes are rest
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 import re
@@ -68,8 +69,9 @@ class Site:
         in_channels: C at the unit's input (what a ``pre`` gate sees); ``in_height``/``in_width``
             its H×W.
         height, width: H×W of the addition, at the model's default input size.
-        stage: stride level, ``round(log2(input_H / H)) - 1``: stride 4 → 1 … 32 → 4
-            (ResNet's ``layer1`` … ``layer4``).
+        stage: timm's stage index (the ``feature_info`` entry at this site's stride) when the
+            model has one for every site, else the stride level: stride 4 → 1 … 32 → 4. Both
+            give ResNet's ``layer1`` … ``layer4`` as 1 … 4; ConvNeXt's ``stages.N`` is N.
         fixed_args: ``(name, value)`` of the owner's ``None``/``bool`` arguments in the probe
             call (DLA's ``shortcut=None``, a ``pre_logits=False`` flag). The owner is traced with
             them fixed, because fx cannot follow ``if shortcut is None:`` on a symbolic value;
@@ -499,10 +501,30 @@ def stages_measurable(sites: Sequence[Site]) -> bool:
     return all(min(s.height, s.width) > 1 for s in sites)
 
 
-def _stage(input_h: int, h: int) -> int:
+def _stride(input_h: int, h: int) -> int:
+    """The power-of-two stride that shrinks ``input_h`` rows to ``h``."""
     import math
 
-    return max(0, round(math.log2(max(input_h / h, 1))) - 1)
+    return 2 ** round(math.log2(max(input_h / h, 1)))
+
+
+def _stages(model: nn.Module, strides: list[int]) -> list[int]:
+    """Stage numbers for sites at ``strides``.
+
+    timm's numbering when it covers every site: the index of the ``model.feature_info`` entry with
+    that reduction (ResNet ``layer1`` … ``layer4`` → 1 … 4, ConvNeXt ``stages.0`` … ``stages.3`` →
+    0 … 3). Otherwise (torchvision, or a site at a stride feature_info does not list) the stride
+    level: stride 4 → 1, 8 → 2, 16 → 3, 32 → 4, which is the same for ResNets.
+    """
+    info = getattr(model, "feature_info", None)
+    by_reduction: dict[int, int] = {}
+    if isinstance(info, list):
+        for i, entry in enumerate(info):
+            if isinstance(entry, dict) and isinstance(entry.get("reduction"), int):
+                by_reduction.setdefault(entry["reduction"], i)
+    if strides and all(s in by_reduction for s in strides):
+        return [by_reduction[s] for s in strides]
+    return [max(0, s.bit_length() - 2) for s in strides]
 
 
 def find_sites(
@@ -612,10 +634,12 @@ def find_sites(
                         in_channels=int(in_shape[1]) if in_shape is not None and len(in_shape) == 4 else int(sa[1]),
                         height=int(sa[2]),
                         width=int(sa[3]),
-                        stage=_stage(input_size[1], int(sa[2])),
+                        stage=_stride(input_size[1], int(sa[2])),  # a stride until numbered below
                         fixed_args=tuple(fixed.items()),
                         in_height=int(in_shape[2]) if in_shape is not None and len(in_shape) == 4 else int(sa[2]),
                         in_width=int(in_shape[3]) if in_shape is not None and len(in_shape) == 4 else int(sa[3]),
                     )
                 )
+    stages = _stages(model, [s.stage for s in sites])
+    sites = [dataclasses.replace(s, stage=stage) for s, stage in zip(sites, stages)]
     return sites, failures

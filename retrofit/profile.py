@@ -198,7 +198,7 @@ class SiteCost(Cost):
 
     ``key`` is its module path (``layer1.0.se``), ``owner`` the module it was inserted into;
     ``channels``, ``height``, ``width`` describe the map it gates in the profiled forward pass;
-    ``stage`` is the stride stage (stride 4 → 1 … 32 → 4); ``setting`` reads like ``r=16 (16)``.
+    ``stage`` is the site's stage (:attr:`retrofit.graph.Site.stage`); ``setting`` reads like ``r=16 (16)``.
     """
 
     key: str = ""

@@ -133,7 +133,8 @@ def add_attention(
         init: ``"identity"`` (outputs unchanged at insertion) or ``"paper"``.
         include, exclude: owner-path patterns, glob or ``re:REGEX`` (full match). Each pattern
             must match at least one site.
-        stages: keep sites of these stride stages (stride 4 → 1, …, 32 → 4).
+        stages: keep sites of these stages: timm's ``feature_info`` index, else the stride
+            level (stride 4 → 1, …, 32 → 4); see :attr:`retrofit.graph.Site.stage`.
         replace_existing: instead of inserting at residual sites, swap the model's existing SE
             modules for ``block`` (see :mod:`retrofit.replace`); the second return value is
             then a list of :class:`retrofit.replace.Replacement`.
@@ -176,7 +177,7 @@ def add_attention(
     if (stages or isinstance(kernel_size, (list, tuple))) and not stages_measurable(all_sites):
         raise RetrofitError(
             f"at input size {'×'.join(map(str, input_size))} some residual maps shrink to 1 pixel, so their "
-            "stride stages cannot be told apart; --stages and per-stage kernel sizes need a larger input size"
+            "stages cannot be told apart; --stages and per-stage kernel sizes need a larger input size"
         )
     sites = select_sites(all_sites, include=include, exclude=exclude, stages=stages)
     kernel_for_stage = _kernel_per_stage(kernel_size, sites)

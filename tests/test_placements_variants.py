@@ -77,6 +77,20 @@ def test_stages_refused_when_the_probe_collapses_maps_to_one_pixel(resnet50):
     assert [s.site.stage for s in sites] == [4, 4, 4]
 
 
+def test_stage_numbers_follow_timm_feature_info_else_the_stride():
+    import torchvision
+
+    from retrofit.graph import find_sites
+
+    convnext = timm.create_model("convnext_atto").eval()  # feature_info: stages.0 … stages.3 at stride 4 … 32
+    sites, _ = find_sites(convnext)
+    assert {(s.owner.split(".")[1], s.stage) for s in sites} == {("0", 0), ("1", 1), ("2", 2), ("3", 3)}
+    _, chosen = retrofit.add_attention(convnext, "eca", stages=[3])
+    assert [s.owner for s in chosen] == ["stages.3.blocks.0", "stages.3.blocks.1"]
+    sites, _ = find_sites(torchvision.models.resnet18().eval())  # no feature_info: stride 4 → 1 … 32 → 4
+    assert [(s.owner, s.stage) for s in sites][::2] == [("layer1.0", 1), ("layer2.0", 2), ("layer3.0", 3), ("layer4.0", 4)]
+
+
 def test_variant_parameter_counts_and_backward(resnet50):
     sum_c = 3 * 256 + 4 * 512 + 6 * 1024 + 3 * 2048
     sum_c2 = 3 * 256**2 + 4 * 512**2 + 6 * 1024**2 + 3 * 2048**2

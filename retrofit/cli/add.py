@@ -37,7 +37,7 @@ IncludeOpt = Annotated[
 ExcludeOpt = Annotated[
     Optional[list[str]], typer.Option("--exclude", help="Skip sites whose owner matches (glob, or re:REGEX). Repeatable.")
 ]
-StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Only these stride stages, e.g. 3,4 (stride 4 → 1 … 32 → 4).")]
+StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Only these stages, e.g. 3,4: timm's feature_info index, else stride 4 → 1 … 32 → 4 (ResNet layer1…layer4 → 1…4).")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint path. Default: <model>-<block>.safetensors.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
