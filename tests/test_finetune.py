@@ -382,6 +382,29 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_settings(small_di
     assert_one_line_error(result, "--lr is 0.1 but the run being resumed used 0.001")
 
 
+def test_a_run_that_finished_no_epoch_can_be_started_again_and_a_tampered_state_is_refused(small_digits, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # what a run killed during its first epoch leaves
+    common = ["finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "--epochs", 2,
+              "-b", 50, *DIGIT_AUG, "-o", out]
+    resumed = run(*common, "--resume")
+    assert_one_line_error(resumed, "a run started there but finished no epoch", "start without --resume")
+    first = run(*common, "--until-epoch", 1)
+    assert first.exit_code == 0, first.output
+    assert json.loads((out / "config.json").read_text())["config"]["epochs"] == 2
+    state = out / "trainer_state.safetensors"
+    with safe_open(str(state), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.conv_stem.weight"][0, 0, 0, 0] += 1.0
+    save_file(tensors, str(state), metadata=metadata)
+    tampered = run(*common, "--resume")
+    assert_one_line_error(tampered, "modified after it was written (digest mismatch)", "--overwrite")
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--epochs", "0"], "--epochs must be ≥ 1"),
     (["--scale", "0.5"], "--scale takes 2 numbers"),
@@ -389,6 +412,7 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_settings(small_di
     (["--placement", "pre"], "--placement applies only with --block"),
     (["--block", "cbam"], "unknown block 'cbam'"),
     (["--until-epoch", "5", "--epochs", "2"], "--until-epoch must be between 1 and --epochs"),
+    (["--img-size", "100000"], "--img-size must be between 8 and 4096 pixels, got 100000"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, tmp_path):
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path, "-o", tmp_path / "o", *args)

@@ -19,6 +19,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+#: Largest --img-size (the limit --input-size has elsewhere): beyond it one image alone fills memory.
+MAX_IMG_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything that decides a fine-tuning run.
@@ -117,7 +121,8 @@ class FinetuneConfig:
             (self.accum_steps >= 1, f"--accum-steps must be ≥ 1, got {self.accum_steps}"),
             (self.clip_grad is None or _positive(self.clip_grad), f"--clip-grad must be positive, got {self.clip_grad}"),
             (_finite(self.ema_decay) and 0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
-            (self.img_size is None or self.img_size >= 8, f"--img-size must be ≥ 8 pixels, got {self.img_size}"),
+            (self.img_size is None or 8 <= self.img_size <= MAX_IMG_SIZE,
+             f"--img-size must be between 8 and {MAX_IMG_SIZE} pixels, got {self.img_size}"),
             (_finite(self.hflip) and 0 <= self.hflip <= 1, f"--hflip must be a probability, got {self.hflip}"),
             (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
              f"--scale takes MIN,MAX with 0 < MIN ≤ MAX ≤ 1, got {','.join(map(str, self.scale))}"),

@@ -154,7 +154,12 @@ class Trainer:
         previous = [name for name in RUN_FILES if (self.out / name).exists()]
         if self.config.resume:
             if not (self.out / STATE_FILE).is_file():
-                raise RetrofitError(f"nothing to resume in {self.out}: no {STATE_FILE} there (start without --resume)")
+                started = " (a run started there but finished no epoch)" if previous == ["config.json"] else ""
+                raise RetrofitError(
+                    f"nothing to resume in {self.out}: no {STATE_FILE} there{started}; start without --resume"
+                )
+        elif previous == ["config.json"]:
+            pass  # a run that stopped before its first epoch ended: nothing to keep, start it again
         elif previous and not self.config.overwrite:
             raise RetrofitError(
                 f"{self.out} already holds a run ({', '.join(previous[:3])}); pass --resume to continue it, "

@@ -171,8 +171,12 @@ def save_trainer_state(
         "config": config,
         "recipe": recipe,
     }
+    from ..checkpoint import DIGEST_KEY, tensors_digest
+
     path = Path(folder) / STATE_FILE
-    atomic_write_bytes(path, save(_contiguous_unshared(tensors), metadata={_META_KEY: json.dumps(record)}))
+    tensors, record_json = _contiguous_unshared(tensors), json.dumps(record)
+    metadata = {_META_KEY: record_json, DIGEST_KEY: tensors_digest(tensors, record_json)}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
 
 
@@ -184,15 +188,22 @@ def load_trainer_state(folder: str | os.PathLike) -> TrainerState:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from ..checkpoint import DIGEST_KEY, tensors_digest
+
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise RetrofitError(f"nothing to resume: {path} not found (run without --resume to start)")
+    start_over = "start over with --overwrite (or use another --output)"
     try:
         with safe_open(str(path), framework="pt") as f:
-            record = json.loads((f.metadata() or {})[_META_KEY])
+            metadata = f.metadata() or {}
+        record_json = metadata[_META_KEY]
+        record = json.loads(record_json)
         tensors = load_file(str(path), device="cpu")
     except Exception as e:
-        raise RetrofitError(f"{path} is damaged ({type(e).__name__}); start again without --resume") from None
+        raise RetrofitError(f"{path} is damaged ({type(e).__name__}); {start_over}") from None
+    if metadata.get(DIGEST_KEY) != tensors_digest(tensors, record_json):
+        raise RetrofitError(f"{path} was modified after it was written (digest mismatch); {start_over}")
     if record.get("format") != FORMAT:
         raise RetrofitError(f"{path} is of another format ({record.get('format')!r})")
 
