@@ -344,7 +344,13 @@ def _probe(model: nn.Module, size: tuple[int, ...], batch_size: int) -> torch.Te
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     g = torch.Generator().manual_seed(0)
-    return torch.randn((batch_size, *size), generator=g).to(device=device, dtype=dtype)
+    try:
+        return torch.randn((batch_size, *size), generator=g).to(device=device, dtype=dtype)
+    except (RuntimeError, MemoryError) as e:  # e.g. "can't allocate memory" for a huge batch
+        shape = "×".join(map(str, (batch_size, *size)))
+        raise RetrofitError(
+            f"cannot allocate an input of {shape} ({type(e).__name__}); try a smaller --batch-size or --input-size"
+        ) from None
 
 
 class _EvalNoGrad:
@@ -372,9 +378,11 @@ def _forward(model: nn.Module, x: torch.Tensor) -> None:
         raise
     except Exception as e:
         text = str(e).strip().splitlines()
+        memory = isinstance(e, MemoryError) or "allocate" in str(e) or "out of memory" in str(e)
+        hint = "try a smaller --batch-size or --input-size" if memory else "check --input-size"
         raise RetrofitError(
             f"the forward pass on an input of shape {tuple(x.shape)} failed "
-            f"({type(e).__name__}: {text[0] if text else ''}); check --input-size"
+            f"({type(e).__name__}: {text[0][:200] if text else ''}); {hint}"
         ) from e
 
 

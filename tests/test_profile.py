@@ -199,6 +199,8 @@ def test_bad_sizes_raise_one_line_errors():
         profile(nn.Conv2d(3, 8, 3), (3, 10, 10), batch_size=0)
     with pytest.raises(RetrofitError, match=r"forward pass on an input of shape \(1, 4, 10, 10\) failed"):
         profile(nn.Conv2d(3, 8, 3), (4, 10, 10))
+    with pytest.raises(RetrofitError, match=r"cannot allocate an input of 1000000×3×224×224 .*smaller --batch-size"):
+        profile(nn.Conv2d(3, 8, 3), (3, 224, 224), batch_size=1_000_000)  # 602 GB
 
 
 def test_latency_is_a_median_of_20_runs_naming_device_and_threads():
