@@ -244,8 +244,14 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     """``model.load_state_dict(state, strict=True)`` with one readable error on any mismatch.
 
     The error names up to 5 missing and 5 unexpected keys, or the first shape mismatches.
+    BatchNorm ``num_batches_tracked`` counters may be absent (files of PyTorch < 0.4.1, and
+    exporters that drop them): PyTorch itself fills them in on load, and so does this.
     """
     own = model.state_dict()
+    state = dict(state)
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = v.clone()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

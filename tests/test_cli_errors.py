@@ -100,6 +100,22 @@ def test_mismatched_weights_name_missing_and_unexpected_keys(tmp_path):
     assert_one_line_error(result, "1 missing (fc.bias)", "1 unexpected (extra.weight)")
 
 
+def test_weights_without_num_batches_tracked_load_like_pytorch_loads_them(tmp_path):
+    import torchvision
+
+    from retrofit.models import load_model
+
+    state = torchvision.models.resnet18().state_dict()
+    state["layer1.0.bn1.running_var"] = torch.rand(64) + 0.5
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # PyTorch < 0.4.1 files
+    assert len(state) - len(old) == 20
+    path = tmp_path / "old.pth"
+    torch.save(old, path)
+    model, _, _ = load_model("torchvision:resnet18", weights=path)
+    assert torch.equal(model.state_dict()["layer1.0.bn1.running_var"], state["layer1.0.bn1.running_var"])
+    assert model.state_dict()["bn1.num_batches_tracked"].item() == 0
+
+
 def test_wrapped_weights_load(tmp_path):
     import timm
 
