@@ -57,17 +57,22 @@ def eval_transform(model: nn.Module):
 def predict(model: nn.Module, images: list[str | os.PathLike], top: int = 5) -> list[Prediction]:
     """Run ``model`` (eval mode, no grad) on image files; returns the top-``top`` classes of each.
 
-    Raises :class:`RetrofitError` for a missing or unreadable image.
+    Raises :class:`RetrofitError` for a missing or unreadable image (including one over PIL's
+    decompression-bomb limit of about 179 megapixels).
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     transform = eval_transform(model)
     batch = []
     for path in images:
         try:
-            with Image.open(path) as im:
-                batch.append(transform(im.convert("RGB")))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            with warnings.catch_warnings():  # a large photo is fine; PIL's bomb *error* still stops it
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    batch.append(transform(im.convert("RGB")))
+        except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise RetrofitError(f"cannot read image {path}: {e}") from None
     param = next(model.parameters())
     was_training = model.training

@@ -253,3 +253,41 @@ def test_pickled_module_weights_are_refused_with_advice(tmp_path):
     torch.save(timm.create_model("resnet18"), path)
     result = run("add-eca", "resnet18", "--weights", str(path), "-o", str(tmp_path / "x.safetensors"))
     assert_one_line_error(result, "holds pickled Python objects", "torch.save(model.state_dict(), path)")
+
+
+def _png(path, side=64):
+    from PIL import Image
+
+    Image.new("RGB", (side, side), (120, 80, 40)).save(path)
+    return path
+
+
+def test_compare_refuses_models_with_different_classes(tmp_path):
+    import retrofit
+
+    model, _, _ = retrofit.load_model("resnet18", pretrained=False, num_classes=10)
+    retrofit.add_attention(model, "eca")
+    ckpt = tmp_path / "r18-10.safetensors"
+    retrofit.save_checkpoint(model, ckpt)
+    result = run("compare", "resnet18", str(ckpt), str(_png(tmp_path / "a.png")), "--no-pretrained")
+    assert_one_line_error(result, "resnet18 has 1000 classes", "has 10: compare needs two models of the same classes")
+
+
+def test_images_over_pil_bomb_limit_are_one_line_errors_and_large_ones_no_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    from retrofit.errors import RetrofitError
+    from retrofit.predict import predict
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(1, 3, 224, 224))
+    image = _png(tmp_path / "big.png")  # 4,096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit: PIL warns; over twice it: PIL raises
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(predict(model, [image], top=2)) == 1
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(RetrofitError, match="cannot read image .*big.png.*decompression bomb"):
+        predict(model, [image])

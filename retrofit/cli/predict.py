@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .add import JsonOpt, NoPretrainedOpt, WeightsOpt
-from .app import app, handle_errors
+from .app import app, fail, handle_errors
 
 
 @app.command("predict")
@@ -63,6 +63,9 @@ def compare(
     paths = [str(p) for p in images]
     a = run(load_target(base, pretrained=not no_pretrained, weights=weights), paths, top=top)
     b = run(load_target(other, pretrained=not no_pretrained), paths, top=top)
+    if a[0].logits.shape != b[0].logits.shape:
+        fail(f"{base} has {a[0].logits.shape[-1]} classes and {other} has {b[0].logits.shape[-1]}: "
+             "compare needs two models of the same classes")
     rows = [
         {"image": x.image, "base": x.classes, "other": y.classes, "same_top_k": x.classes == y.classes,
          "max_abs_logit_diff": float((x.logits - y.logits).abs().max())}
