@@ -69,7 +69,7 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise RetrofitError(f"{path} is a directory; give a file path")
     if path.exists() and not overwrite:
-        raise RetrofitError(f"{path} exists; pass --overwrite to replace it, or -o another path")
+        raise RetrofitError(f"{path} exists; pass --overwrite to replace it, or choose another output")
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise RetrofitError(f"cannot write {path}: {parent} is not a folder")
@@ -152,7 +152,10 @@ def _open(path: Path) -> tuple[Recipe, dict[str, str]]:
     except Exception as e:
         raise RetrofitError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from None
     if RECIPE_KEY not in metadata:
-        raise RetrofitError(f"{path} is not a retrofit checkpoint (no recipe in its metadata)")
+        raise RetrofitError(
+            f"{path} is not a retrofit checkpoint (no recipe in its metadata); for plain weights pass the model "
+            "name and --weights FILE"
+        )
     return Recipe.from_json(metadata[RECIPE_KEY]), metadata
 
 

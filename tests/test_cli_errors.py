@@ -206,7 +206,7 @@ def test_unwritable_outputs_fail_before_work(tmp_path):
                               "--overwrite"), "is a directory")
     assert_one_line_error(run("add-eca", "resnet18", "--no-pretrained", "-o", str(tmp_path / "afile" / "x.safetensors")),
                           "is not a folder")
-    assert_one_line_error(run("demo", "weights", "-o", str(tmp_path / "w.pth")), "must end in .safetensors")
+    assert_one_line_error(run("demo", "weights", "-o", str(tmp_path / "w.pth")), "must be a file name ending in .safetensors")
 
 
 def test_written_files_get_normal_permissions(tmp_path):
@@ -291,3 +291,21 @@ def test_images_over_pil_bomb_limit_are_one_line_errors_and_large_ones_no_warnin
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(RetrofitError, match="cannot read image .*big.png.*decompression bomb"):
         predict(model, [image])
+
+
+def test_bad_placement_is_reported_before_an_existing_output(tmp_path):
+    out = tmp_path / "resnet18-eca.safetensors"
+    out.write_bytes(b"keep")
+    result = run("add-eca", "resnet18", "--no-pretrained", "--placement", "foo", "-o", str(out))
+    assert_one_line_error(result, "unknown placement 'foo'")
+    assert out.read_bytes() == b"keep"
+
+
+def test_unreadable_weights_files_say_what_they_are(tmp_path):
+    (tmp_path / "text.pth").write_text("hello")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    out = str(tmp_path / "x.safetensors")
+    assert_one_line_error(run("add-eca", "resnet18", "--weights", str(tmp_path / "text.pth"), "-o", out),
+                          "not a PyTorch (torch.save) weights file, or damaged")
+    assert_one_line_error(run("add-eca", "resnet18", "--weights", str(tmp_path / "empty.pth"), "-o", out),
+                          "empty.pth: it is empty or truncated")

@@ -287,6 +287,12 @@ def test_freeze_backbone_epoch_keeps_pretrained_weights_and_bn_stats(small_digit
 def test_missing_data_folder(tmp_path):
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "nowhere", "-o", tmp_path / "o")
     assert_one_line_error(result, "data folder not found", "nowhere")
+    (tmp_path / "file.png").write_bytes(b"x")
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "file.png", "-o", tmp_path / "o")
+    assert_one_line_error(result, "file.png is a file; give an ImageFolder folder")
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path, "-o", tmp_path / "file.png")
+    assert_one_line_error(result, "--output", "file.png is a file; finetune writes a run folder")
+    assert (tmp_path / "file.png").read_bytes() == b"x"
 
 
 def test_data_without_train_split(tmp_path):
@@ -403,6 +409,32 @@ def test_a_run_that_finished_no_epoch_can_be_started_again_and_a_tampered_state_
     save_file(tensors, str(state), metadata=metadata)
     tampered = run(*common, "--resume")
     assert_one_line_error(tampered, "modified after it was written (digest mismatch)", "--overwrite")
+
+
+def test_ctrl_c_says_which_epoch_is_kept_and_how_to_continue(small_digits, tmp_path):
+    out = tmp_path / "interrupted"
+    args = ["finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", str(small_digits), "--epochs", "30",
+            "-b", "20", *DIGIT_AUG, "-o", str(out)]
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps it
+    # so: give the child the default disposition, as a terminal's foreground job has
+    proc = subprocess.Popen([RETROFIT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.csv").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: interrupted; ") and line.endswith("continue with --resume"), stderr
+    epoch = int(line.split("holds epoch ")[1].split(";")[0])
+    assert epoch >= 1 and load_trainer_state(out).epoch == epoch
 
 
 @pytest.mark.parametrize("args, fragment", [

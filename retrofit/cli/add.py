@@ -73,17 +73,21 @@ def run_add(
     replace_existing: bool = False,
 ) -> None:
     from ..blocks import block_class
-
     from ..checkpoint import check_writable
+    from ..surgery import PLACEMENTS
 
-    block_class(block)  # an unknown block fails before any loading
+    block_class(block)  # an unknown block, placement or init fails before the output is looked at
+    if placement not in PLACEMENTS:
+        fail(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
+    if init not in ("identity", "paper"):
+        fail(f"unknown init {init!r}; choose one of: identity, paper")
     for given, option, applies in ((reduction, "--reduction", "se"), (kernel_size, "--kernel-size", "eca"),
                                    (groups, "--groups", "se-gc")):
         if given is not None and block != applies:
             fail(f"{option} applies to {applies}, not to {block}")
     output = check_writable(output if output is not None else default_output(model, block), overwrite)
     if output.suffix != ".safetensors":
-        fail(f"output {output} must end in .safetensors")
+        fail(f"output {output} must be a file name ending in .safetensors")
     if weights is not None and no_pretrained:
         fail("--weights and --no-pretrained exclude each other")
     kernels = parse_ints(kernel_size, "--kernel-size")

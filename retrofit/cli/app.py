@@ -44,8 +44,9 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
+        except KeyboardInterrupt as e:
+            # a command may say what was kept (finetune: the last completed epoch)
+            typer.echo(f"error: interrupted{'; ' + str(e) if str(e) else ''}", err=True)
             raise typer.Exit(130)
         except RetrofitError as e:
             if _state["debug"]:

@@ -158,6 +158,8 @@ def build_splits(
             raise RetrofitError("--val-data applies to an ImageFolder tree, not to a torchvision dataset")
         return _torchvision_splits(data[len(TORCHVISION_PREFIX):], train_transform, eval_transform, dataset_root, download)
     root = Path(data)
+    if root.exists() and not root.is_dir():
+        raise RetrofitError(f"--data {root} is a file; give an ImageFolder folder or torchvision:NAME")
     if not root.is_dir():
         raise RetrofitError(f"data folder not found: {root}")
     if val_data is None:

@@ -151,6 +151,8 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _check_output(self) -> None:
         """Refuse to overwrite a previous run unless --overwrite (then cleared once setup succeeds) or --resume."""
+        if self.out.exists() and not self.out.is_dir():
+            raise RetrofitError(f"--output {self.out} is a file; finetune writes a run folder there")
         previous = [name for name in RUN_FILES if (self.out / name).exists()]
         if self.config.resume:
             if not (self.out / STATE_FILE).is_file():
@@ -519,6 +521,10 @@ class Trainer:
                 f"loss became {e.value} at step {e.step} (epoch {self.epoch + 1}, batch {e.batch}); stopped without "
                 f"saving that epoch: {kept}. Try a lower --lr or --clip-grad 1.0"
             ) from None
+        except KeyboardInterrupt:
+            kept = (f"{self.out / LAST} holds epoch {self.epoch}; continue with --resume" if self.epoch
+                    else "no epoch had finished yet: run the same command again to start over")
+            raise KeyboardInterrupt(kept) from None
         except _OOM:
             b = cfg.batch_size
             raise RetrofitError(
