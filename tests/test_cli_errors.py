@@ -171,6 +171,16 @@ def test_usage_errors_are_one_line_from_the_console_script():
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)
 
 
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path):
+    (tmp_path / "w.pth").write_text("not weights")
+    args = ["add-eca", "resnet18", "--weights", str(tmp_path / "w.pth"), "-o", str(tmp_path / "x.safetensors")]
+    for argv in (["--debug", *args], [*args, "--debug"]):
+        proc = subprocess.run(["retrofit", *argv], capture_output=True, text=True)
+        assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr, (argv, proc.stderr)
+    proc = subprocess.run(["retrofit", *args], capture_output=True, text=True)
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "name, fragment",
     [

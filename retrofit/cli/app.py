@@ -92,8 +92,11 @@ def _is(e: BaseException, name: str) -> bool:
 
 def main() -> None:
     """Console-script entry point: usage errors are one ``error:`` line too (exit 2)."""
+    args = sys.argv[1:]
+    if "--debug" in args[1:]:  # `retrofit add-eca … --debug` means what `retrofit --debug add-eca …` does
+        args = ["--debug"] + [a for a in args if a != "--debug"]
     try:
-        code = app(standalone_mode=False)
+        code = app(args=args, prog_name="retrofit", standalone_mode=False)
     except BrokenPipeError:  # `retrofit ... | head`
         code = 0
     except Exception as e:

@@ -136,7 +136,7 @@ def _value(profile: dict[str, Any], key: str) -> float | int | None:
 def _latency_setup(data: dict[str, Any]) -> str:
     lat = data["model"]["latency"]
     return (f"median of {lat['runs']} runs after {lat['warmup']} warm-up, {lat['device']}, "
-            f"{lat['threads']} threads")
+            f"{lat['threads']} thread{'s' if lat['threads'] != 1 else ''}")
 
 
 def _latency_spread(data: dict[str, Any]) -> str | None:

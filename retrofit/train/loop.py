@@ -631,7 +631,9 @@ class Trainer:
 
     def _epoch_line(self, row: dict[str, Any], improved: bool) -> str:
         text = (f"epoch {row['epoch']}/{self.config.epochs} · train loss {row['train_loss']:.4f} · "
-                f"val loss {row['val_loss']:.4f} top-1 {100 * row['val_top1']:.2f}% top-5 {100 * row['val_top5']:.2f}%")
+                f"val loss {row['val_loss']:.4f} top-1 {100 * row['val_top1']:.2f}%")
+        if len(self.splits.classes) > 5:  # with 5 classes or fewer top-5 is always 100%
+            text += f" top-5 {100 * row['val_top5']:.2f}%"
         if row["ema_val_top1"] is not None:
             text += f" · EMA top-1 {100 * row['ema_val_top1']:.2f}%"
         text += f" · lr {row['lr']:.2e} · {row['train_images_per_s']:.0f} img/s · {row['epoch_seconds']:.1f} s"
