@@ -281,7 +281,7 @@ def test_markdown_report_pastes_as_a_readme_table(se_checkpoint):
         assert re.fullmatch(r"\|:---(\|---:)+\|", lines[1])
         assert len({line.count("|") for line in lines}) == 1  # every row has the header's columns
     totals = tables[0].splitlines()
-    assert totals[0].endswith("| base (resnet50) | retrofitted | Δ | Δ % |")
+    assert totals[0].endswith("· base resnet50 · input 1×3×112×112 | base | retrofitted | Δ | Δ % |")
     assert totals[2] == "| params | 25,557,032 | 28,088,024 | +2,530,992 | +9.90% |"
     assert totals[4] == "| MACs | 1.078 G | 1.080 G | +2.515 M | +0.23% |"
     sites = tables[1].splitlines()
@@ -302,7 +302,14 @@ def test_table_report_names_latency_device_and_threads():
     assert result.exit_code == 0, result.output
     assert "resnet18 · input 1×3×32×32" in result.stdout
     assert "11,689,512" in result.stdout
-    assert f"latency: median of 20 runs after 5 warm-up, cpu, {torch.get_num_threads()} threads" in result.stdout
+    n = torch.get_num_threads()
+    assert f"latency: median of 20 runs after 5 warm-up, cpu, {n} thread{'s' if n != 1 else ''}" in result.stdout
+
+
+def test_no_pretrained_with_a_checkpoint_is_refused(se_checkpoint):
+    result = runner.invoke(app, ["report", "params-flops", str(se_checkpoint), "--no-pretrained"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --no-pretrained applies to a model name; a checkpoint holds its own weights"
 
 
 @pytest.mark.parametrize(

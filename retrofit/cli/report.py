@@ -80,6 +80,8 @@ def params_flops(
 
     from ..checkpoint import is_checkpoint
 
+    if no_pretrained and is_checkpoint(target):
+        fail("--no-pretrained applies to a model name; a checkpoint holds its own weights")
     if per_site and not is_checkpoint(target):
         fail(f"--per-site needs a retrofit checkpoint (.safetensors); {target} has no inserted blocks "
              f"(`retrofit sites {target}` lists its residual sites)")
@@ -167,7 +169,7 @@ def _metric_rows(data: dict[str, Any], latency_setup: bool = True) -> tuple[list
         header = ["", "value"]
         rows = [[labels[k], _cell(k, _value(model, k))] for k in keys]
     else:
-        header = ["", f"base ({data['name']})", "retrofitted", "Δ", "Δ %"]
+        header = ["", "base", "retrofitted", "Δ", "Δ %"]
         rows = [[labels[k], _cell(k, _value(base, k)), _cell(k, _value(model, k)),
                  _cell(k, data["delta"][k], signed=True), _percent(data["delta_percent"][k])] for k in keys]
     return header, rows
@@ -185,7 +187,8 @@ def _site_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def _title(data: dict[str, Any]) -> str:
     shape = "×".join(str(v) for v in [data["batch_size"], *data["input_size"]])
-    return f"{data['target']} · input {shape}"
+    base = f" · base {data['name']}" if data["base"] is not None else ""
+    return f"{data['target']}{base} · input {shape}"
 
 
 def _uncounted(data: dict[str, Any]) -> str | None:
