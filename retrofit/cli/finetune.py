@@ -33,17 +33,13 @@ def _in_panel(option: Any, panel: str) -> Any:
     return Annotated[base, info]
 
 
-Placement = _in_panel(PlacementOpt, INSERTION_PANEL)
-Init = _in_panel(InitOpt, INSERTION_PANEL)
-Reduction = _in_panel(ReductionOpt, INSERTION_PANEL)
-Kernel = _in_panel(KernelOpt, INSERTION_PANEL)
-Groups = _in_panel(GroupsOpt, INSERTION_PANEL)
-Include = _in_panel(IncludeOpt, INSERTION_PANEL)
-Exclude = _in_panel(ExcludeOpt, INSERTION_PANEL)
-Stages = _in_panel(StagesOpt, INSERTION_PANEL)
-Replace = _in_panel(ReplaceOpt, INSERTION_PANEL)
-Weights = _in_panel(WeightsOpt, INSERTION_PANEL)
-NoPretrained = _in_panel(NoPretrainedOpt, INSERTION_PANEL)
+# the options shared with `add`, shown in this command's insertion panel
+Placement, Init, Reduction, Kernel, Groups, Include, Exclude, Stages, Replace, Weights, NoPretrained = (
+    _in_panel(option, INSERTION_PANEL) for option in (
+        PlacementOpt, InitOpt, ReductionOpt, KernelOpt, GroupsOpt, IncludeOpt, ExcludeOpt, StagesOpt, ReplaceOpt,
+        WeightsOpt, NoPretrainedOpt,
+    )
+)
 Json = _in_panel(JsonOpt, OUTPUT_PANEL)
 
 SourceArg = Annotated[str, typer.Argument(
