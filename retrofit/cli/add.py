@@ -183,8 +183,8 @@ def _print_add(report: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     b, a = report["params_before"], report["params_after"]
-    console.print(f"parameters {b:,} → {a:,} ({a - b:+,}, {_percent(a - b, b)}) · weights: {report['weights']} · "
-                  f"init: {report['init']}")
+    console.print(f"parameters {b:,} → {a:,} ({a - b:+,}, {_percent(a - b, b)}) · init: {report['init']}")
+    console.print(f"weights: {report['weights']}", markup=False)
     console.print(f"wrote {report['output']}")
 
 
