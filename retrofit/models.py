@@ -185,7 +185,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weights file: ``.safetensors``, or ``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``.
 
     Unwraps a top-level ``state_dict`` or ``model`` key and strips a ``module.`` prefix (DDP).
-    Raises :class:`RetrofitError` when the file is missing, unreadable, or holds no tensors.
+    Raises :class:`RetrofitError` when the file is missing, unreadable, holds no tensors, or holds
+    NaN/inf values (a damaged file or a diverged run: loading it would only yield NaN outputs).
     """
     path = Path(path)
     if path.is_dir():
@@ -230,6 +231,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise RetrofitError(f"weights file {path} does not hold a state dict of tensors")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    broken = [k for k, v in obj.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise RetrofitError(
+            f"weights file {path} holds NaN or infinite values in {len(broken)} tensor(s) "
+            f"({', '.join(broken[:3])}{', …' if len(broken) > 3 else ''}); it is damaged or from a diverged run"
+        )
     return obj
 
 

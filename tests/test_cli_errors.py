@@ -319,3 +319,15 @@ def test_unreadable_weights_files_say_what_they_are(tmp_path):
                           "not a PyTorch (torch.save) weights file, or damaged")
     assert_one_line_error(run("add-eca", "resnet18", "--weights", str(tmp_path / "empty.pth"), "-o", out),
                           "empty.pth: it is empty or truncated")
+
+
+def test_weights_with_nan_are_refused(tmp_path):
+    import timm
+
+    state = timm.create_model("resnet18").state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    result = run("add-eca", "resnet18", "--weights", str(path), "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "holds NaN or infinite values in 1 tensor(s) (layer2.0.conv1.weight)")
+    assert not (tmp_path / "x.safetensors").exists()
