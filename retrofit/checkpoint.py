@@ -222,6 +222,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise RetrofitError(f"the recipe in {path} does not describe a model retrofit can build: {e}") from None
     load_state_dict_strict(model, tensors, f"checkpoint {path.name}")
+    finetune = recipe.extra.get("finetune") if isinstance(recipe.extra, dict) else None
+    if isinstance(finetune, dict):  # what predict needs to see images as the fine-tuning run did
+        model.retrofit_class_names = list(finetune.get("classes") or []) or None
+        model.retrofit_data_config = finetune.get("data_config")
     return model.to(map_location).eval()
 
 

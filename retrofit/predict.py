@@ -44,11 +44,18 @@ def class_names(model: nn.Module) -> list[str] | None:
 def eval_transform(model: nn.Module):
     """timm's eval transform from the model's data config (size, interpolation, mean/std).
 
-    The whole photo is resized to the input size (timm ``crop_mode="squash"``, no crop), so an
+    A checkpoint written by ``retrofit finetune`` is evaluated exactly as its run evaluated it
+    (the recorded data config: its ``--img-size``, crop and normalisation). Otherwise the whole
+    photo is resized to the model's input size (timm ``crop_mode="squash"``, no crop), so an
     object that fills the frame stays in it.
     """
     from timm.data import create_transform, resolve_data_config
 
+    recorded = getattr(model, "retrofit_data_config", None)
+    if isinstance(recorded, dict) and recorded.get("input_size"):
+        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in keys}
+        return create_transform(**config, is_training=False)
     config = resolve_data_config({}, model=model)
     config.update(crop_pct=1.0, crop_mode="squash")
     return create_transform(**config)

@@ -122,6 +122,21 @@ def test_digits_lite0_eca_reaches_half_top1(digits_run, digits):
 
 
 @pytest.mark.slow
+def test_predict_on_a_finetuned_checkpoint_sees_images_as_the_run_did(digits_run, digits):
+    result, out = digits_run
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    files = sorted((digits / "val").glob("*/*.png"))
+    predicted = run("predict", out / "best.safetensors", *files, "--top", 1, "--json")
+    assert predicted.exit_code == 0, predicted.output[-2000:]
+    preds = json.loads(predicted.output)["predictions"]
+    assert load_checkpoint(out / "best.safetensors").retrofit_class_names == [str(i) for i in range(10)]
+    assert all(p["names"][0] == str(p["classes"][0]) for p in preds)  # the recorded class names ('0' … '9')
+    correct = sum(p["names"][0] == Path(p["image"]).parent.name for p in preds)
+    assert correct == round(summary["best"]["top1"] * len(files))  # at the run's --img-size 32, not 224
+
+
+@pytest.mark.slow
 def test_head_1000_to_10_is_replaced_and_reloads(digits_run, lite0_weights):
     result, out = digits_run
     assert result.exit_code == 0, result.output
