@@ -164,6 +164,8 @@ def add_attention(
     if replace_existing:
         if include or exclude or stages:
             raise RetrofitError("--replace-existing swaps every SE module; it takes no --include/--exclude/--stages")
+        if placement != "standard":
+            raise RetrofitError("--replace-existing swaps SE modules where they are; it takes no --placement")
         from .replace import replace_existing_se
 
         replaced = replace_existing_se(

@@ -460,6 +460,9 @@ def test_ctrl_c_says_which_epoch_is_kept_and_how_to_continue(small_digits, tmp_p
     (["--block", "cbam"], "unknown block 'cbam'"),
     (["--until-epoch", "5", "--epochs", "2"], "--until-epoch must be between 1 and --epochs"),
     (["--img-size", "100000"], "--img-size must be between 8 and 4096 pixels, got 100000"),
+    (["--block", "se", "-k", "3"], "--kernel-size applies to eca, not to se"),
+    (["--block", "eca", "-r", "4"], "--reduction applies to se, not to eca"),
+    (["--block", "eca", "--groups", "4"], "--groups applies to se-gc, not to eca"),
 ])
 def test_bad_options_are_one_line_errors(args, fragment, tmp_path):
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path, "-o", tmp_path / "o", *args)

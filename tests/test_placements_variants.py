@@ -187,6 +187,12 @@ def test_replace_existing_on_mobilenetv3_swaps_se_for_eca(tmp_path):
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
+def test_replace_existing_takes_no_placement():
+    model = timm.create_model("mobilenetv3_small_050")
+    with pytest.raises(RetrofitError, match="it takes no --placement"):
+        retrofit.add_attention(model, "eca", replace_existing=True, placement="post")
+
+
 def test_replace_existing_without_se_is_an_error():
     with pytest.raises(RetrofitError, match="no squeeze-and-excitation module"):
         retrofit.add_attention(timm.create_model("resnet18"), "eca", replace_existing=True)

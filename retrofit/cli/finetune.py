@@ -130,6 +130,10 @@ def finetune(
         from ..blocks import block_class
 
         block_class(block)  # an unknown block fails before any loading
+        for given, option, applies in ((reduction != 16, "--reduction", "se"), (kernel_size is not None, "--kernel-size", "eca"),
+                                       (groups is not None, "--groups", "se-gc")):
+            if given and block != applies:
+                fail(f"{option} applies to {applies}, not to {block}")
     kernels = parse_ints(kernel_size, "--kernel-size")
     from ..train.config import FinetuneConfig
 

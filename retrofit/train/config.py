@@ -9,6 +9,7 @@ warmup, label smoothing 0.1, weight decay 0.05 off norms/biases/gates.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -76,7 +77,7 @@ class FinetuneConfig:
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     color_jitter: float = 0.4
     skip_bad_images: bool = False
-    workers: int = 4
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # data-loading processes per rank
     epochs: int = 10
     batch_size: int = 64
     optimizer: str = "adamw"
