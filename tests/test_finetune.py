@@ -452,6 +452,21 @@ def test_ctrl_c_says_which_epoch_is_kept_and_how_to_continue(small_digits, tmp_p
     assert epoch >= 1 and load_trainer_state(out).epoch == epoch
 
 
+def test_models_with_auxiliary_outputs_train(tmp_path):
+    """torchvision GoogLeNet returns (logits, aux2, aux1) in train mode; the loss uses the logits."""
+    from PIL import Image
+
+    for split, n in (("train", 4), ("val", 2)):
+        for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            (tmp_path / "d" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (64, 64), colour).save(tmp_path / "d" / split / name / f"{i}.png")
+    result = run("finetune", "torchvision:googlenet", "--no-pretrained", "--data", tmp_path / "d", "--epochs", 1,
+                 "-b", 4, "--img-size", 64, "--workers", 0, "-o", tmp_path / "run")
+    assert result.exit_code == 0, result.output[-2000:]
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == ["1"]
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--epochs", "0"], "--epochs must be ≥ 1"),
     (["--scale", "0.5"], "--scale takes 2 numbers"),

@@ -97,6 +97,12 @@ def finetune(config: FinetuneConfig, console: Any = None) -> FinetuneResult:
         distributed.teardown(d)
 
 
+def _main_logits(output: Any) -> torch.Tensor:
+    """The classifier's logits: torchvision's GoogLeNet/Inception-v3 return ``(logits, aux…)`` tuples
+    in train mode; their auxiliary heads are not trained (their output is not in the loss)."""
+    return output if isinstance(output, torch.Tensor) else output.logits if hasattr(output, "logits") else output[0]
+
+
 def _absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
     """Resolve file paths so a run resumed from another folder compares equal."""
     def absolute(p: str | None) -> str | None:
@@ -373,7 +379,7 @@ class Trainer:
                     sync = self.forward_model.no_sync()
                 with sync:
                     with self._autocast():
-                        loss = self.criterion(self.forward_model(images), labels)
+                        loss = self.criterion(_main_logits(self.forward_model(images)), labels)
                     (loss / group_size).backward()
                 group_has_grad = True
                 pending.append(loss.detach() * images.shape[0])
