@@ -81,10 +81,7 @@ def run_add(
         fail(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
     if init not in ("identity", "paper"):
         fail(f"unknown init {init!r}; choose one of: identity, paper")
-    for given, option, applies in ((reduction, "--reduction", "se"), (kernel_size, "--kernel-size", "eca"),
-                                   (groups, "--groups", "se-gc")):
-        if given is not None and block != applies:
-            fail(f"{option} applies to {applies}, not to {block}")
+    check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups)
     output = check_writable(output if output is not None else default_output(model, block), overwrite)
     if output.suffix != ".safetensors":
         fail(f"output {output} must be a file name ending in .safetensors")
@@ -132,6 +129,14 @@ def run_add(
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_add(report)
+
+
+def check_block_options(block: str, *, reduction: Any, kernel_size: Any, groups: Any) -> None:
+    """One-line error for a block option given (not None) to a block it does not apply to."""
+    for given, option, applies in ((reduction, "--reduction", "se"), (kernel_size, "--kernel-size", "eca"),
+                                   (groups, "--groups", "se-gc")):
+        if given is not None and block != applies:
+            fail(f"{option} applies to {applies}, not to {block}")
 
 
 def _site_row(s: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import typer
 
 from .add import (
     ExcludeOpt, GroupsOpt, IncludeOpt, InitOpt, JsonOpt, KernelOpt, NoPretrainedOpt, PlacementOpt, ReductionOpt,
-    ReplaceOpt, StagesOpt, WeightsOpt,
+    ReplaceOpt, StagesOpt, WeightsOpt, check_block_options,
 )
 from .app import app, fail, handle_errors, parse_ints
 
@@ -130,10 +130,8 @@ def finetune(
         from ..blocks import block_class
 
         block_class(block)  # an unknown block fails before any loading
-        for given, option, applies in ((reduction != 16, "--reduction", "se"), (kernel_size is not None, "--kernel-size", "eca"),
-                                       (groups is not None, "--groups", "se-gc")):
-            if given and block != applies:
-                fail(f"{option} applies to {applies}, not to {block}")
+        check_block_options(block, reduction=reduction if reduction != 16 else None, kernel_size=kernel_size,
+                            groups=groups)
     kernels = parse_ints(kernel_size, "--kernel-size")
     from ..train.config import FinetuneConfig
 
