@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -113,4 +114,12 @@ def main() -> None:
             code = 130
         else:
             raise
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code == 130:
+        # After Ctrl-C the outputs are already complete (atomic writes); skip interpreter
+        # finalization, where a thread the interrupted work left behind can abort the process
+        # ("Fatal Python error: PyThreadState_Get", seen in CI) after the one-line message.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
