@@ -71,6 +71,8 @@ def predict(model: nn.Module, images: list[str | os.PathLike], top: int = 5) -> 
 
     from PIL import Image, UnidentifiedImageError
 
+    from .images import to_rgb
+
     transform = eval_transform(model)
     batch = []
     for path in images:
@@ -78,7 +80,7 @@ def predict(model: nn.Module, images: list[str | os.PathLike], top: int = 5) -> 
             with warnings.catch_warnings():  # a large photo is fine; PIL's bomb *error* still stops it
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
-                    batch.append(transform(im.convert("RGB")))
+                    batch.append(transform(to_rgb(im)))
         except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise RetrofitError(f"cannot read image {path}: {e}") from None
     param = next(model.parameters())

@@ -77,3 +77,18 @@ def test_compare_command_reports_unchanged_top5(lite0_weights, photos, tmp_path)
     rows = json.loads(result.output)["images"]
     assert [r["base"][0] for r in rows] == [285, 967]
     assert all(r["same_top_k"] and r["max_abs_logit_diff"] <= 1e-5 for r in rows)
+
+
+def test_16_bit_greyscale_photos_are_seen_like_8_bit_ones(lite0_weights, photos, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    grey = np.asarray(Image.open(photos[0]).convert("L"), dtype=np.uint16)  # chelsea
+    eight, sixteen = tmp_path / "grey8.png", tmp_path / "grey16.png"
+    Image.fromarray(grey.astype(np.uint8)).save(eight)
+    Image.fromarray(grey * 257).save(sixteen)  # 16-bit PNG: PIL mode I;16 (or I)
+    assert Image.open(sixteen).mode.startswith("I")
+    model, _, _ = retrofit.load_model("tf_efficientnet_lite0", weights=lite0_weights)
+    a, b = predict(model, [eight, sixteen], top=1)
+    assert a.classes == b.classes
+    assert (a.logits - b.logits).abs().max().item() <= 1e-4

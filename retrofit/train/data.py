@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import RetrofitError
+from ..images import to_rgb
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -82,7 +83,7 @@ class ImageTree(Dataset):
         path, target = self.samples[index]
         try:
             with Image.open(path) as im:
-                return self.transform(im.convert("RGB")), target
+                return self.transform(to_rgb(im)), target
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError …
             return BadImage(path, _one_line(e))
 
@@ -100,7 +101,7 @@ class TorchvisionImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadImage:
         try:
             image, target = self.dataset[index]
-            return self.transform(image.convert("RGB")), int(target)
+            return self.transform(to_rgb(image)), int(target)
         except Exception as e:
             return BadImage(f"{type(self.dataset).__name__}[{index}]", _one_line(e))
 
