@@ -104,6 +104,14 @@ class Retrofit:
     replaced: list[Any] = field(default_factory=list)  # retrofit.replace.Replacement
 
 
+def check_placement_and_init(placement: str, init: str) -> None:
+    """Raise :class:`RetrofitError` for a placement or init that is not one of retrofit's."""
+    if placement not in PLACEMENTS:
+        raise RetrofitError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
+    if init not in ("identity", "paper"):
+        raise RetrofitError(f"unknown init {init!r}; choose one of: identity, paper")
+
+
 def add_attention(
     model: nn.Module,
     block: str = "eca",
@@ -150,10 +158,7 @@ def add_attention(
             whose forward cannot be rewritten.
     """
     cls = block_class(block)
-    if placement not in PLACEMENTS:
-        raise RetrofitError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
-    if init not in ("identity", "paper"):
-        raise RetrofitError(f"unknown init {init!r}; choose one of: identity, paper")
+    check_placement_and_init(placement, init)
     if getattr(model, MODEL_MARK, None) is not None:
         raise RetrofitError("this model already has retrofitted attention; start again from the base model")
 

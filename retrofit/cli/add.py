@@ -74,13 +74,10 @@ def run_add(
 ) -> None:
     from ..blocks import block_class
     from ..checkpoint import check_writable
-    from ..surgery import PLACEMENTS
+    from ..surgery import check_placement_and_init
 
     block_class(block)  # an unknown block, placement or init fails before the output is looked at
-    if placement not in PLACEMENTS:
-        fail(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
-    if init not in ("identity", "paper"):
-        fail(f"unknown init {init!r}; choose one of: identity, paper")
+    check_placement_and_init(placement, init)
     check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups)
     output = check_writable(output if output is not None else default_output(model, block), overwrite)
     if output.suffix != ".safetensors":

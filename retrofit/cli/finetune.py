@@ -133,7 +133,7 @@ def finetune(
         check_block_options(block, reduction=reduction if reduction != 16 else None, kernel_size=kernel_size,
                             groups=groups)
     kernels = parse_ints(kernel_size, "--kernel-size")
-    from ..train.config import FinetuneConfig
+    from ..train.config import FinetuneConfig, default_workers
 
     config = FinetuneConfig(
         source=source, data=data, output=str(output or default_output(source, block)),
@@ -144,7 +144,7 @@ def finetune(
         weights=str(weights) if weights else None, pretrained=not no_pretrained,
         dataset_root=str(dataset_root) if dataset_root else None, download=download, img_size=img_size,
         hflip=hflip, scale=_floats(scale, "--scale", 2), color_jitter=color_jitter, skip_bad_images=skip_bad_images,
-        workers=min(4, os.cpu_count() or 1) if workers is None else workers, epochs=epochs, batch_size=batch_size,
+        workers=default_workers() if workers is None else workers, epochs=epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
         momentum=momentum, label_smoothing=label_smoothing, new_lr_mult=new_lr_mult,
         freeze_backbone_epochs=freeze_backbone_epochs, accum_steps=accum_steps, clip_grad=clip_grad, ema=ema,

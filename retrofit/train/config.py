@@ -20,6 +20,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def default_workers() -> int:
+    """Data-loading processes per rank when none are asked for: min(4, CPUs)."""
+    return min(4, os.cpu_count() or 1)
+
+
 #: Largest --img-size (the limit --input-size has elsewhere): beyond it one image alone fills memory.
 MAX_IMG_SIZE = 4096
 
@@ -77,7 +82,7 @@ class FinetuneConfig:
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     color_jitter: float = 0.4
     skip_bad_images: bool = False
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # data-loading processes per rank
+    workers: int = field(default_factory=default_workers)  # data-loading processes per rank
     epochs: int = 10
     batch_size: int = 64
     optimizer: str = "adamw"
