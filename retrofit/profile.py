@@ -194,9 +194,10 @@ class ModuleCost(Cost):
 
 @dataclass(frozen=True)
 class SiteCost(Cost):
-    """The cost of one inserted attention block.
+    """The cost of one inserted attention block, or of one SE module swapped by ``--replace-existing``.
 
-    ``key`` is its module path (``layer1.0.se``), ``owner`` the module it was inserted into;
+    ``key`` is its module path (``layer1.0.se``), ``owner`` the module it was inserted into
+    (for a swap: the module holding it);
     ``channels``, ``height``, ``width`` describe the map it gates in the profiled forward pass;
     ``stage`` is the site's stage (:attr:`retrofit.graph.Site.stage`); ``setting`` reads like ``r=16 (16)``.
     """
@@ -451,7 +452,7 @@ def profile(
     modules = _module_rows(model, counts)
     timing = measure_latency(model, size, batch_size, runs=runs, warmup=warmup) if latency else None
     return Profile(size, batch_size, params, trainable, macs, elem, macs_by, elem_by, uncounted, modules,
-                   _site_rows(model, modules, shapes.shapes), timing)
+                   _site_rows(model, modules, shapes.shapes, size), timing)
 
 
 def _module_rows(model: nn.Module, counts: dict[str, dict[Any, int]]) -> tuple[ModuleCost, ...]:
@@ -477,8 +478,7 @@ class _SiteShapes:
     """Records the input shape of each inserted block during the profiled forward (hooks removed after)."""
 
     def __init__(self, model: nn.Module) -> None:
-        record = getattr(model, "_retrofit", None)
-        self.blocks = {s.key: model.get_submodule(s.key) for s in record.sites} if record else {}
+        self.blocks = {key: model.get_submodule(key) for key in _block_keys(model)}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.handles: list[Any] = []
 
@@ -496,30 +496,50 @@ class _SiteShapes:
             handle.remove()
 
 
+def _block_keys(model: nn.Module) -> list[str]:
+    """Module paths of a retrofitted model's blocks: inserted ones, then ``--replace-existing`` swaps."""
+    record = getattr(model, "_retrofit", None)
+    if record is None:
+        return []
+    return [s.key for s in record.sites] + [r.path for r in record.replaced]
+
+
 def _site_rows(
-    model: nn.Module, modules: tuple[ModuleCost, ...], shapes: dict[str, tuple[int, ...]]
+    model: nn.Module, modules: tuple[ModuleCost, ...], shapes: dict[str, tuple[int, ...]],
+    input_size: tuple[int, ...],
 ) -> tuple[SiteCost, ...]:
     record = getattr(model, "_retrofit", None)
     if record is None:
         return ()
     from .blocks import block_class
+    from .graph import _stages, _stride
 
     rows_by_name = {m.name: m for m in modules}
+
+    def row(key: str, owner: str, block: str, channels: int, options: dict[str, Any], height: int, width: int,
+            stage: int) -> SiteCost:
+        counted = rows_by_name.get(key)
+        params, _ = _unique_params(model.get_submodule(key))
+        return SiteCost(
+            params,
+            counted.macs if counted else 0,
+            counted.element_ops if counted else 0,
+            dict(counted.element_ops_by_op) if counted else {},
+            key=key, owner=owner, block=block, channels=channels, height=height, width=width,
+            stage=stage, setting=block_class(block).describe(options),
+        )
+
     out = []
     for s in record.sites:
-        row = rows_by_name.get(s.key)
-        block = model.get_submodule(s.key)
-        params, _ = _unique_params(block)
         shape = shapes.get(s.key, ())
         height, width = (shape[2], shape[3]) if len(shape) == 4 else (s.site.height, s.site.width)
-        out.append(SiteCost(
-            params,
-            row.macs if row else 0,
-            row.element_ops if row else 0,
-            dict(row.element_ops_by_op) if row else {},
-            key=s.key, owner=s.owner, block=s.block, channels=s.channels, height=height, width=width,
-            stage=s.site.stage, setting=block_class(s.block).describe(s.options),
-        ))
+        out.append(row(s.key, s.owner, s.block, s.channels, s.options, height, width, s.site.stage))
+    for r in record.replaced:
+        # A swapped SE module has no Site: its map and stage are read off the profiled forward.
+        shape = shapes.get(r.path, ())
+        height, width = (shape[2], shape[3]) if len(shape) == 4 else (0, 0)
+        stage = _stages(model, [_stride(input_size[-2], height)])[0] if height else 0
+        out.append(row(r.path, r.path.rpartition(".")[0], record.block, r.channels, r.options, height, width, stage))
     return tuple(out)
 
 

@@ -336,3 +336,22 @@ def test_cli_help_does_not_import_torch():
             "assert r.exit_code == 0 and 'Counting rules' in r.output, r.output; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_per_site_report_of_a_replace_existing_checkpoint_lists_the_swapped_blocks(tmp_path):
+    out = tmp_path / "mv3.safetensors"
+    added = CliRunner().invoke(app, ["add-eca", "mobilenetv3_small_050", "--no-pretrained", "--replace-existing",
+                                     "-o", str(out), "--json"])
+    assert added.exit_code == 0, added.output
+    replaced = json.loads(added.output)["replaced"]
+    result = CliRunner().invoke(app, ["report", "params-flops", str(out), "--per-site", "--json"])
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.output)["model"]["sites"]
+    assert [s["key"] for s in sites] == [r["path"] for r in replaced] and len(sites) == 9
+    assert [s["params"] for s in sites] == [r["params_after"] for r in replaced]
+    first = sites[0]  # blocks.0.0.se gates 16 channels at stride 4 (56×56): timm stage 1
+    assert (first["key"], first["owner"], first["channels"], first["height"], first["width"], first["stage"]) == (
+        "blocks.0.0.se", "blocks.0.0", 16, 56, 56, 1)
+    # ECA with k=3 on C=16: C·k MACs (one 1-D conv across channels per image).
+    assert first["setting"] == "k=3" and first["macs"] == 16 * 3
+    assert [s["stage"] for s in sites] == sorted(s["stage"] for s in sites)

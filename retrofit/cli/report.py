@@ -262,7 +262,7 @@ def _print_rich(data: dict[str, Any], per_site: bool) -> None:
         console.print(_latency_spread(data), markup=False)
     if per_site:
         header, rows = _site_rows(data)
-        sites = Table(title=f"{len(rows) - 1} inserted blocks", box=box.SIMPLE_HEAD, pad_edge=False,
+        sites = Table(title=f"{len(rows) - 1} attention blocks", box=box.SIMPLE_HEAD, pad_edge=False,
                       collapse_padding=True)
         for i, h in enumerate(header):
             sites.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
