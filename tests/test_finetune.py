@@ -269,6 +269,29 @@ def test_sigkill_during_training_leaves_a_loadable_last(small_digits, lite0_weig
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
+def test_checkpoint_finetuned_on_other_class_names_gets_a_new_head(digits_run, small_digits, tmp_path):
+    _, first = digits_run
+    source = first / "last.safetensors"
+    # the same ten images per class under other names: "a" … "j" (still ten classes)
+    letters = tmp_path / "letters"
+    for split in ("train", "val"):
+        for cls in sorted((small_digits / split).iterdir()):
+            shutil.copytree(cls, letters / split / "abcdefghij"[int(cls.name)])
+    args = ("finetune", source, "--data", letters, "--epochs", 1, "-b", 25, *DIGIT_AUG, "--lr", 1e-3)
+    renamed = run(*args, "-o", tmp_path / "renamed")
+    assert renamed.exit_code == 0, renamed.output
+    assert "head 10 → 10 classes (new, other class names than the checkpoint's)" in renamed.output
+    config = json.loads((tmp_path / "renamed" / "config.json").read_text())
+    assert config["head"] == {"classes_before": 10, "classes": 10, "replaced": True}
+    assert config["classes"] == list("abcdefghij")
+    # the same names keep the fine-tuned head
+    same = run("finetune", source, "--data", small_digits, "--epochs", 1, "-b", 25, *DIGIT_AUG, "--lr", 1e-3,
+               "-o", tmp_path / "same")
+    assert same.exit_code == 0, same.output
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["head"]["replaced"] is False
+
+
 # ------------------------------------------------------------------ 5: frozen backbone
 @pytest.mark.slow
 def test_freeze_backbone_epoch_keeps_pretrained_weights_and_bn_stats(small_digits, lite0_weights, tmp_path):

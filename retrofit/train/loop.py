@@ -221,7 +221,11 @@ class Trainer:
                 self.splits = build_splits(cfg.data, cfg.val_data, train_tf, eval_tf, dataset_root=cfg.dataset_root)
         classes = len(self.splits.classes)
         self.head_before = num_classes(model)
-        self.head_replaced = replace_head(model, classes) if not cfg.resume else False
+        # A checkpoint fine-tuned on other classes (same count, other names) gets a new head too:
+        # its rows would otherwise be read as the data's classes in its own order.
+        recorded = getattr(model, "retrofit_class_names", None)
+        self.renamed_classes = bool(recorded) and list(recorded) != list(self.splits.classes) and not cfg.resume
+        self.head_replaced = replace_head(model, classes, force=self.renamed_classes) if not cfg.resume else False
         if num_classes(model) != classes:
             raise RetrofitError(f"the run being resumed has {num_classes(model)} classes but the data has {classes}")
 
@@ -627,8 +631,10 @@ class Trainer:
 
     def _start_line(self) -> str:
         cfg = self.config
-        head = (f"head {self.head_before} → {len(self.splits.classes)} classes (new)" if self.head_replaced
-                else f"{len(self.splits.classes)} classes")
+        head = f"{len(self.splits.classes)} classes"
+        if self.head_replaced:
+            why = ", other class names than the checkpoint's" if self.renamed_classes else ""
+            head = f"head {self.head_before} → {len(self.splits.classes)} classes (new{why})"
         precision = "bf16 autocast" if self.autocast_dtype is not None else "fp32"
         what = "resuming" if cfg.resume else "fine-tuning"
         return (f"{what} {describe_source(cfg)} · {self.splits.description} · {head} · {self.device} {precision} · "

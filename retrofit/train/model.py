@@ -71,8 +71,11 @@ def num_classes(model: nn.Module) -> int:
     return head(model)[1].out_features
 
 
-def replace_head(model: nn.Module, classes: int) -> bool:
+def replace_head(model: nn.Module, classes: int, *, force: bool = False) -> bool:
     """Give ``model`` a fresh ``classes``-way head when its class count differs; True when replaced.
+
+    ``force`` replaces it even at the same count: the caller knows the classes are other ones
+    (a fine-tuned checkpoint whose recorded class names differ from the data's).
 
     timm models use ``reset_classifier(classes)``; others get a new ``nn.Linear`` (same input
     width and bias) in place of their last one. The source record's ``num_classes`` kwarg is
@@ -80,7 +83,7 @@ def replace_head(model: nn.Module, classes: int) -> bool:
     PyTorch-default initialised (seeded by the caller).
     """
     name, old = head(model)
-    if old.out_features == classes:
+    if old.out_features == classes and not force:
         return False
     source = dict(getattr(model, SOURCE_MARK, None) or {})
     if source.get("zoo") == "timm" and hasattr(model, "reset_classifier"):
