@@ -335,6 +335,14 @@ def test_missing_data_folder(tmp_path):
     assert (tmp_path / "file.png").read_bytes() == b"x"
 
 
+def test_batch_one_with_a_one_pixel_map_names_batch_and_image_size(small_digits, tmp_path):
+    # resnet18 shrinks 8×8 to 1×1 before layer4: BatchNorm would see one value per channel
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "-b", 1, "--img-size", 8,
+                 "--epochs", 1, "-o", tmp_path / "o")
+    assert_one_line_error(result, "--batch-size 1 at --img-size 8", "use --batch-size 2 or more")
+    assert not (tmp_path / "o" / "last.safetensors").exists()
+
+
 def test_data_without_train_split(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")

@@ -535,6 +535,14 @@ class Trainer:
             kept = (f"{self.out / LAST} holds epoch {self.epoch}; continue with --resume" if self.epoch
                     else "no epoch had finished yet: run the same command again to start over")
             raise KeyboardInterrupt(kept) from None
+        except ValueError as e:
+            if "Expected more than 1 value per channel when training" not in str(e):
+                raise
+            # BatchNorm in training needs two values per channel: batch 1 with a 1×1 map has one.
+            raise RetrofitError(
+                f"--batch-size {cfg.batch_size} at --img-size {self.data_config['input_size'][-1]} leaves BatchNorm "
+                "one value per channel (a 1×1 map): use --batch-size 2 or more, or a larger --img-size"
+            ) from None
         except _OOM:
             b = cfg.batch_size
             raise RetrofitError(
