@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import socket
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,11 @@ def build(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
         from torchvision.models import get_model
 
         weights = "DEFAULT" if pretrained else None
-        return get_model(spec.arch, weights=weights, **spec.kwargs)
+        with warnings.catch_warnings():
+            # googlenet / inception_v3 announce a future change of their default init: noise
+            # around every command (the weights are loaded or the init is the documented one).
+            warnings.filterwarnings("ignore", message="The default weight initialization", category=FutureWarning)
+            return get_model(spec.arch, weights=weights, **spec.kwargs)
     import timm
 
     if spec.name.startswith(HF_HUB_PREFIX) and not pretrained:

@@ -171,6 +171,14 @@ def test_usage_errors_are_one_line_from_the_console_script():
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)
 
 
+def test_torchvision_init_warnings_do_not_join_the_error_line(tmp_path):
+    # googlenet's builder warns (FutureWarning) about its default init; GoogLeNet has no residual site
+    proc = subprocess.run(["retrofit", "add-eca", "torchvision:googlenet", "--no-pretrained",
+                           "-o", str(tmp_path / "g.safetensors")], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "GoogLeNet" in proc.stderr, proc.stderr
+
+
 def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path):
     (tmp_path / "w.pth").write_text("not weights")
     args = ["add-eca", "resnet18", "--weights", str(tmp_path / "w.pth"), "-o", str(tmp_path / "x.safetensors")]
