@@ -107,14 +107,14 @@ def build(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
         if not _hub_reachable("huggingface.co") and not _hf_cached_config(hub_id):
             raise RetrofitError(
                 f"could not fetch the configuration of {spec.name!r} (offline and not cached); "
-                "use the timm architecture name with --weights FILE instead"
+                + _hf_instead(spec.name)
             )
         try:  # timm reads an hf-hub model's config from the hub even without weights
             return timm.create_model(spec.name, pretrained=False, **spec.kwargs)
         except (OSError, RuntimeError, ValueError) as e:
             raise RetrofitError(
                 f"could not fetch the configuration of {spec.name!r} from the hub ({type(e).__name__}); "
-                "use the timm architecture name with --weights FILE instead"
+                + _hf_instead(spec.name)
             ) from e
     return timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
 
@@ -128,10 +128,25 @@ def _hub_reachable(host: str) -> bool:
 
 
 def _offline_error(name: str) -> RetrofitError:
+    if name.startswith(HF_HUB_PREFIX):  # its configuration comes from the hub too, even with --no-pretrained
+        return RetrofitError(
+            f"could not fetch pretrained weights for {name!r} (offline and not cached); {_hf_instead(name)}"
+        )
     return RetrofitError(
         f"could not fetch pretrained weights for {name!r} (offline and not cached); "
         "pass a local file with --weights FILE, or use --no-pretrained"
     )
+
+
+def _hf_instead(name: str) -> str:
+    """What to run instead of an hf-hub name offline: its timm architecture with ``--weights FILE``."""
+    import timm
+
+    repo = name[len(HF_HUB_PREFIX):].partition("/")[2]
+    arch = repo.partition(".")[0]
+    if arch and timm.is_model(arch):
+        return f"use the timm name {arch!r} with --weights FILE instead"
+    return "use the timm architecture name with --weights FILE instead"
 
 
 def _load_pretrained(spec: ModelSpec) -> nn.Module:

@@ -160,7 +160,9 @@ def test_offline_hf_hub_model_fails_fast_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_hf_cached_file", lambda hub_id: None)
     for extra in ([], ["--no-pretrained"]):
         result = run("add-eca", "hf-hub:timm/resnet18.a1_in1k", *extra, "-o", str(tmp_path / "x.safetensors"))
-        assert_one_line_error(result, "'hf-hub:timm/resnet18.a1_in1k'", "--weights FILE")
+        # --no-pretrained would need the hub too (for the configuration): the hint is the timm name
+        assert_one_line_error(result, "'hf-hub:timm/resnet18.a1_in1k'", "use the timm name 'resnet18' with --weights FILE")
+        assert "--no-pretrained" not in result.stderr
 
 
 def test_usage_errors_are_one_line_from_the_console_script():
