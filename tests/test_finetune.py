@@ -434,6 +434,8 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_settings(small_di
     assert result.exit_code == 0, result.output
     result = run(*common, "-o", out, "--resume", "--epochs", 2, "--lr", 0.1)
     assert_one_line_error(result, "--lr is 0.1 but the run being resumed used 0.001")
+    result = run(*common, "-o", out, "--resume", "--epochs", 2, "--block", "eca")
+    assert_one_line_error(result, "--block is 'eca' but the run being resumed had no --block")
 
 
 def test_a_run_that_finished_no_epoch_can_be_started_again_and_a_tampered_state_is_refused(small_digits, tmp_path):

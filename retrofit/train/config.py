@@ -174,7 +174,9 @@ def resume_mismatch(saved: dict[str, Any], current: FinetuneConfig) -> str | Non
     for name in RESUME_FIELDS:
         if name in saved and saved[name] != now[name]:
             flag = "--" + name.replace("_", "-")
-            return (f"{flag} is {now[name]!r} but the run being resumed used {saved[name]!r}; "
+            was = f"used {saved[name]!r}" if saved[name] is not None else f"had no {flag}"
+            now_ = f"is {now[name]!r}" if now[name] is not None else "is not given"
+            return (f"{flag} {now_} but the run being resumed {was}; "
                     "resume with the same settings (or start a new run in another --output)")
     return None
 
