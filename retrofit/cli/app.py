@@ -75,14 +75,17 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
 
 
 def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
-    """``"3,224,224"`` → ``(3, 224, 224)``: three positive integers, H and W at most 4096."""
+    """``"3,224,224"`` → ``(3, 224, 224)``: three positive integers within :mod:`retrofit.limits`."""
+    from ..limits import MAX_CHANNELS, MAX_IMAGE_SIDE
+
     values = parse_ints(text, "--input-size")
     if values is None:
         return None
     if len(values) != 3 or min(values) < 1:
         fail(f"--input-size takes three positive integers C,H,W (e.g. 3,224,224), got {text!r}")
-    if max(values[1:]) > 4096 or values[0] > 64:
-        fail(f"--input-size {text!r} is too large (at most 64 channels and 4096×4096)")
+    if max(values[1:]) > MAX_IMAGE_SIDE or values[0] > MAX_CHANNELS:
+        fail(f"--input-size {text!r} is too large (at most {MAX_CHANNELS} channels and "
+             f"{MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE})")
     return values[0], values[1], values[2]
 
 

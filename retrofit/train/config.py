@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import RetrofitError
+from ..limits import MAX_IMAGE_SIDE
 
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -26,7 +27,7 @@ def default_workers() -> int:
 
 
 #: Largest --img-size (the limit --input-size has elsewhere): beyond it one image alone fills memory.
-MAX_IMG_SIZE = 4096
+MAX_IMG_SIZE = MAX_IMAGE_SIDE
 
 
 @dataclass(frozen=True)
