@@ -249,7 +249,7 @@ class Latency:
 
     def to_dict(self) -> dict[str, Any]:
         return {"median_ms": self.median_ms, "min_ms": self.min_ms, "p25_ms": self.p25_ms, "p75_ms": self.p75_ms,
-                "runs": self.runs, "warmup": self.warmup, "device": self.device, "threads": self.threads,
+                "spread_ms": self.spread_ms, "runs": self.runs, "warmup": self.warmup, "device": self.device, "threads": self.threads,
                 "batch_size": self.batch_size}
 
 
@@ -657,6 +657,17 @@ class TargetReport:
             out[k] = None if d is None or not b else 100.0 * d / b
         return out
 
+    def latency_delta_measured(self) -> bool | None:
+        """Whether the latency Δ of medians is larger than the run-to-run spread of both timings.
+
+        ``False``: the Δ lies inside the larger :attr:`Latency.spread_ms` (interquartile range), so
+        no difference was measured. ``None`` when there is no base or no timing.
+        """
+        if self.base is None or self.base.latency is None or self.model.latency is None:
+            return None
+        spread = max(self.model.latency.spread_ms, self.base.latency.spread_ms)
+        return abs(self.model.latency.median_ms - self.base.latency.median_ms) > spread
+
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` document (schema ``retrofit.params-flops/1``)."""
         return {
@@ -670,6 +681,7 @@ class TargetReport:
             "base": self.base.to_dict() if self.base else None,
             "delta": self.delta(),
             "delta_percent": self.delta_percent(),
+            "latency_delta_measured": self.latency_delta_measured(),
         }
 
 

@@ -214,18 +214,28 @@ def test_latency_is_a_median_of_20_runs_naming_device_and_threads():
 
 
 def test_latency_delta_inside_the_run_spread_is_called_no_difference():
+    import dataclasses
+
     from retrofit.cli.report import _latency_spread
+    from retrofit.profile import Latency, TargetReport
+
+    counted = profile(nn.Conv2d(3, 8, 3), (3, 16, 16))
 
     def report(base_ms, model_ms):
-        lat = lambda q1, m, q3: {"p25_ms": q1, "median_ms": m, "p75_ms": q3}  # noqa: E731
-        return {"base": {"latency": lat(*base_ms)}, "model": {"latency": lat(*model_ms)}}
+        lat = lambda q1, m, q3: Latency(m, q1, q1, q3, 20, 5, "cpu", 1, 1)  # noqa: E731
+        timed = lambda ms: dataclasses.replace(counted, latency=lat(*ms))  # noqa: E731
+        return TargetReport("x.safetensors", "checkpoint", "x", timed(model_ms), timed(base_ms))
 
-    noisy = _latency_spread(report((9.0, 10.0, 11.0), (9.5, 10.5, 11.5)))  # Δ 0.5 ms, spread 2 ms
-    assert noisy.startswith("latency spread (p25–p75 of the runs): base 9.00–11.00 ms, retrofitted 9.50–11.50 ms")
-    assert "no difference was measured" in noisy
-    clear = _latency_spread(report((9.9, 10.0, 10.1), (10.9, 11.0, 11.1)))  # Δ 1 ms, spread 0.2 ms
-    assert "no difference" not in clear
-    assert _latency_spread({"base": None, "model": {"latency": None}}) is None
+    noisy = report((9.0, 10.0, 11.0), (9.5, 10.5, 11.5))  # Δ 0.5 ms, spread 2 ms
+    assert noisy.latency_delta_measured() is False and noisy.to_dict()["latency_delta_measured"] is False
+    text = _latency_spread(noisy.to_dict())
+    assert text.startswith("latency spread (p25–p75 of the runs): base 9.00–11.00 ms, retrofitted 9.50–11.50 ms")
+    assert "no difference was measured" in text
+    clear = report((9.9, 10.0, 10.1), (10.9, 11.0, 11.1))  # Δ 1 ms, spread 0.2 ms
+    assert clear.latency_delta_measured() is True and "no difference" not in _latency_spread(clear.to_dict())
+    assert clear.to_dict()["model"]["latency"]["spread_ms"] == pytest.approx(0.2)
+    untimed = TargetReport("x.safetensors", "checkpoint", "x", counted, counted)
+    assert untimed.latency_delta_measured() is None and _latency_spread(untimed.to_dict()) is None
 
 
 # --- acceptance 3 and 5: a checkpoint through the CLI ------------------------------------
@@ -244,7 +254,8 @@ def test_json_report_of_se_checkpoint_shows_base_retrofitted_and_sites(se_checkp
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == {"schema", "target", "kind", "name", "input_size", "batch_size", "model", "base", "delta",
-                         "delta_percent"}
+                         "delta_percent", "latency_delta_measured"}
+    assert data["latency_delta_measured"] is None  # not timed
     assert (data["schema"], data["kind"], data["name"]) == ("retrofit.params-flops/1", "checkpoint", "resnet50")
     assert set(data["model"]) == {"input_size", "batch_size", "params", "trainable_params", "macs", "flops",
                                   "element_ops", "macs_by_op", "element_ops_by_op", "uncounted_ops", "sites",
