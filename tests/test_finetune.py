@@ -343,6 +343,13 @@ def test_batch_one_with_a_one_pixel_map_names_batch_and_image_size(small_digits,
     assert not (tmp_path / "o" / "last.safetensors").exists()
 
 
+def test_under_torchrun_each_rank_names_itself_in_its_error_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path, "-o", tmp_path / "o", "--lr", -1)
+    assert_one_line_error(result, "error: [rank 1 of 2] --lr must be a positive number")
+
+
 def test_data_without_train_split(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")

@@ -29,8 +29,14 @@ def _root(
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print ``error: message`` on stderr and exit with ``code``."""
-    typer.echo(f"error: {message}", err=True)
+    """Print ``error: message`` on stderr and exit with ``code``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process reports its own error: the line names the
+    rank (``error: [rank 1 of 2] …``), so the same message twice reads as what it is.
+    """
+    world = os.environ.get("WORLD_SIZE", "1")
+    rank = f"[rank {os.environ.get('RANK', '?')} of {world}] " if world.isdigit() and int(world) > 1 else ""
+    typer.echo(f"error: {rank}{message}", err=True)
     raise typer.Exit(code)
 
 
