@@ -79,6 +79,21 @@ def test_compare_command_reports_unchanged_top5(lite0_weights, photos, tmp_path)
     assert all(r["same_top_k"] and r["max_abs_logit_diff"] <= 1e-5 for r in rows)
 
 
+def test_compare_two_model_names_each_with_its_own_weights(lite0_weights, photos, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    shifted = load_file(str(lite0_weights))
+    shifted["classifier.bias"] = shifted["classifier.bias"] + 1.0  # every logit +1: same ranking
+    other = tmp_path / "lite0-shifted.safetensors"
+    save_file(shifted, str(other))
+    result = CliRunner().invoke(app, ["compare", "tf_efficientnet_lite0", "tf_efficientnet_lite0", *map(str, photos),
+                                      "--weights", str(lite0_weights), "--other-weights", str(other), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["images"]
+    assert [r["other"][0] for r in rows] == [285, 967] and all(r["same_top_k"] for r in rows)
+    assert all(abs(r["max_abs_logit_diff"] - 1.0) < 1e-4 for r in rows)
+
+
 def test_16_bit_greyscale_photos_are_seen_like_8_bit_ones(lite0_weights, photos, tmp_path):
     import numpy as np
     from PIL import Image

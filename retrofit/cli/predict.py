@@ -53,6 +53,7 @@ def compare(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top: Annotated[int, typer.Option("--top", min=1, help="How many classes to compare per image.")] = 5,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights for BASE when it is a model name.")] = None,
+    other_weights: Annotated[Optional[Path], typer.Option("--other-weights", help="Local weights for OTHER when it is a model name.")] = None,
     no_pretrained: NoPretrainedOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -62,7 +63,7 @@ def compare(
 
     paths = [str(p) for p in images]
     a = run(load_target(base, pretrained=not no_pretrained, weights=weights), paths, top=top)
-    b = run(load_target(other, pretrained=not no_pretrained), paths, top=top)
+    b = run(load_target(other, pretrained=not no_pretrained, weights=other_weights), paths, top=top)
     if a[0].logits.shape != b[0].logits.shape:
         fail(f"{base} has {a[0].logits.shape[-1]} classes and {other} has {b[0].logits.shape[-1]}: "
              "compare needs two models of the same classes")
