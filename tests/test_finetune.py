@@ -350,6 +350,14 @@ def test_under_torchrun_each_rank_names_itself_in_its_error_line(tmp_path, monke
     assert_one_line_error(result, "error: [rank 1 of 2] --lr must be a positive number")
 
 
+def test_a_one_update_run_has_no_scheduler_warning(small_digits, tmp_path, caplog):
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "-b", 100, "--epochs", 1,
+                 "--img-size", 16, "--warmup-epochs", 0, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "1 batches/epoch" in result.output
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("timm.scheduler")]
+
+
 def test_data_without_train_split(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")

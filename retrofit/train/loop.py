@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
 import math
 import random
 import time
@@ -265,10 +266,18 @@ class Trainer:
 
         total = cfg.epochs * self.updates_per_epoch
         warmup = min(round(cfg.warmup_epochs * self.updates_per_epoch), total - 1)
-        self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=warmup,
-            warmup_lr_init=cfg.lr * 0.01 if warmup else 0.0, t_in_epochs=False,
-        )
+        # timm warns that a one-update schedule "will have no effect": true and harmless (the one
+        # update runs at --lr); keep it out of the run's output.
+        timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+        level = timm_log.level
+        timm_log.setLevel(logging.ERROR)
+        try:
+            self.scheduler = CosineLRScheduler(
+                self.optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=warmup,
+                warmup_lr_init=cfg.lr * 0.01 if warmup else 0.0, t_in_epochs=False,
+            )
+        finally:
+            timm_log.setLevel(level)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.ema = None
         if cfg.ema:
