@@ -201,12 +201,11 @@ def _hf_cached_config(hub_id: str) -> bool:
     return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a weights file: ``.safetensors``, or ``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``.
+def check_weights_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`~pathlib.Path` when it names an existing weights file of a known suffix.
 
-    Unwraps a top-level ``state_dict`` or ``model`` key and strips a ``module.`` prefix (DDP).
-    Raises :class:`RetrofitError` when the file is missing, unreadable, holds no tensors, or holds
-    NaN/inf values (a damaged file or a diverged run: loading it would only yield NaN outputs).
+    Raises :class:`RetrofitError` for a missing file, a directory, or another suffix (checked
+    before any work, so a wrong ``--weights`` is the first thing a command says).
     """
     path = Path(path)
     if path.is_dir():
@@ -215,6 +214,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise RetrofitError(f"weights file not found: {path}")
     if path.suffix not in _WEIGHT_SUFFIXES:
         raise RetrofitError(f"weights file {path} must end in one of {', '.join(_WEIGHT_SUFFIXES)}")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file: ``.safetensors``, or ``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``.
+
+    Unwraps a top-level ``state_dict`` or ``model`` key and strips a ``module.`` prefix (DDP).
+    Raises :class:`RetrofitError` when the file is missing, unreadable, holds no tensors, or holds
+    NaN/inf values (a damaged file or a diverged run: loading it would only yield NaN outputs).
+    """
+    path = check_weights_path(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

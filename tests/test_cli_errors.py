@@ -72,6 +72,10 @@ def test_output_exists_is_not_overwritten(tmp_path):
     result = run("add-eca", "resnet18", "--no-pretrained", "-o", str(out))
     assert_one_line_error(result, "exists", "--overwrite")
     assert out.read_bytes() == b"precious"
+    # a wrong input is named first, so fixing the output is not followed by another error
+    result = run("add-eca", "resnet18", "--weights", str(tmp_path / "nope.safetensors"), "-o", str(out))
+    assert_one_line_error(result, "weights file not found", "nope.safetensors")
+    assert out.read_bytes() == b"precious"
     assert run("add-eca", "resnet18", "--no-pretrained", "-o", str(out), "--overwrite").exit_code == 0
     assert out.read_bytes() != b"precious"
 

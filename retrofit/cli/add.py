@@ -79,14 +79,19 @@ def run_add(
     block_class(block)  # an unknown block, placement or init fails before the output is looked at
     check_placement_and_init(placement, init)
     check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups)
-    output = check_writable(output if output is not None else default_output(model, block), overwrite)
-    if output.suffix != ".safetensors":
-        fail(f"output {output} must be a file name ending in .safetensors")
     if weights is not None and no_pretrained:
         fail("--weights and --no-pretrained exclude each other")
+    if weights is not None:
+        from ..models import check_weights_path
+
+        check_weights_path(weights)
     kernels = parse_ints(kernel_size, "--kernel-size")
     stage_list = parse_ints(stages, "--stages")
     size = parse_input_size(input_size)
+    # the inputs are all named above; now the output (an existing one is never replaced silently)
+    output = check_writable(output if output is not None else default_output(model, block), overwrite)
+    if output.suffix != ".safetensors":
+        fail(f"output {output} must be a file name ending in .safetensors")
 
     from ..checkpoint import save_checkpoint
     from ..models import load_model
