@@ -333,6 +333,10 @@ def test_missing_data_folder(tmp_path):
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path, "-o", tmp_path / "file.png")
     assert_one_line_error(result, "--output", "file.png is a file; finetune writes a run folder")
     assert (tmp_path / "file.png").read_bytes() == b"x"
+    (tmp_path / "run" / "last.safetensors").parent.mkdir()
+    (tmp_path / "run" / "last.safetensors").write_bytes(b"mine")
+    result = run("finetune", "resnet18", "--weights", tmp_path / "nope.pth", "--data", tmp_path, "-o", tmp_path / "run")
+    assert_one_line_error(result, "weights file not found", "nope.pth")  # before the existing run is named
 
 
 def test_batch_one_with_a_one_pixel_map_names_batch_and_image_size(small_digits, tmp_path):

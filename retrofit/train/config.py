@@ -140,6 +140,8 @@ class FinetuneConfig:
             (self.until_epoch is None or 1 <= self.until_epoch <= self.epochs,
              f"--until-epoch must be between 1 and --epochs, got {self.until_epoch}"),
             (not (self.weights is not None and not self.pretrained), "--weights and --no-pretrained exclude each other"),
+            # before the output folder is looked at (a resumed run rebuilds from its trainer state instead)
+            (self.weights is None or self.resume or os.path.isfile(self.weights), f"weights file not found: {self.weights}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
         ]
         for ok, message in checks:
