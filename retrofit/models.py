@@ -73,6 +73,12 @@ def parse_name(name: str) -> ModelSpec:
 
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
+        if os.path.exists(name):  # `report params-flops photo.png`: a file, but not one retrofit reads as a model
+            kind = "folder" if os.path.isdir(name) else "file"
+            raise RetrofitError(
+                f"{name!r} is a {kind}, not a model name or a retrofit checkpoint (.safetensors); "
+                "base weights go with --weights FILE after a model name"
+            )
         raise RetrofitError(_unknown(name, arch, timm.list_models(), ""))
     if tag:
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]

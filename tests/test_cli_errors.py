@@ -31,6 +31,15 @@ def test_unknown_model_suggests_close_names(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_an_existing_file_given_as_target_is_called_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photo.png").write_bytes(b"x")
+    for args in (["report", "params-flops", "photo.png"], ["predict", "photo.png", "photo.png"]):
+        assert_one_line_error(run(*args), "'photo.png' is a file, not a model name or a retrofit checkpoint")
+    (tmp_path / "resnet18").mkdir()  # a folder named like a model does not shadow the model
+    assert run("report", "params-flops", "resnet18", "--no-pretrained", "--json").exit_code == 0
+
+
 def test_unknown_torchvision_model(tmp_path):
     result = run("add-se", "torchvision:resnet5O", "--no-pretrained", "-o", str(tmp_path / "x.safetensors"))
     assert_one_line_error(result, "torchvision:resnet50")
