@@ -697,7 +697,7 @@ def _sub(a: float | int | None, b: float | int | None) -> float | int | None:
 
 def profile_target(
     target: str,
-    input_size: Sequence[int] = (3, 224, 224),
+    input_size: Sequence[int] | None = None,
     batch_size: int = 1,
     *,
     pretrained: bool = True,
@@ -709,7 +709,8 @@ def profile_target(
     A checkpoint (``*.safetensors``) is loaded with :func:`retrofit.load_checkpoint`; its base is
     the recipe's source architecture built without blocks and without weights (weights do not
     change any count). A model name is resolved by :func:`retrofit.load_model` with
-    ``pretrained`` / ``weights``.
+    ``pretrained`` / ``weights``. ``input_size`` ``None``: ``(3, 224, 224)``, or for a checkpoint
+    written by ``retrofit finetune`` the input size it was trained at (its recorded data config).
 
     Raises:
         RetrofitError: unknown name, unreadable checkpoint, weights unavailable, bad size.
@@ -717,8 +718,13 @@ def profile_target(
     from .checkpoint import is_checkpoint, load_target, read_recipe
     from .models import ModelSpec, build
 
-    size = _check_size(input_size, batch_size)
+    if input_size is not None:
+        _check_size(input_size, batch_size)  # before any loading
     model = load_target(target, pretrained=pretrained, weights=weights)
+    if input_size is None:
+        trained = (getattr(model, "retrofit_data_config", None) or {}).get("input_size")
+        input_size = tuple(int(v) for v in trained) if trained else (3, 224, 224)
+    size = _check_size(input_size, batch_size)
     if not is_checkpoint(target):
         return TargetReport(str(target), "model", str(target), profile(model, size, batch_size, latency=latency))
     source = read_recipe(target).source

@@ -138,6 +138,17 @@ def test_predict_on_a_finetuned_checkpoint_sees_images_as_the_run_did(digits_run
 
 
 @pytest.mark.slow
+def test_report_profiles_a_finetuned_checkpoint_at_the_size_it_was_trained_at(digits_run):
+    _, out = digits_run
+    trained = json.loads((out / "config.json").read_text())["data_config"]["input_size"]
+    assert trained == [3, 32, 32]
+    result = run("report", "params-flops", out / "best.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["input_size"] == trained
+    given = run("report", "params-flops", out / "best.safetensors", "--json", "--input-size", "3,64,64")
+    assert json.loads(given.output)["input_size"] == [3, 64, 64]
+
+
 def test_head_1000_to_10_is_replaced_and_reloads(digits_run, lite0_weights):
     result, out = digits_run
     assert result.exit_code == 0, result.output

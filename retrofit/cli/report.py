@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -54,7 +54,7 @@ _SITE_COLUMNS = ("key", "owner", "block", "setting", "channels", "height", "widt
 @handle_errors
 def params_flops(
     target: TargetArg,
-    input_size: Annotated[str, typer.Option("--input-size", help="Input without batch: C,H,W.")] = "3,224,224",
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Input without batch: C,H,W (default: 3,224,224, or the size a fine-tuned checkpoint was trained at).")] = None,
     batch_size: BatchOpt = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (stable keys, see docs/profile.md).")] = False,
     as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table for a README.")] = False,
@@ -73,7 +73,7 @@ def params_flops(
     if weights is not None and no_pretrained:
         fail("--weights and --no-pretrained exclude each other")
     size = parse_ints(input_size, "--input-size")
-    if any(v < 1 for v in size):
+    if size is not None and any(v < 1 for v in size):
         fail(f"--input-size takes positive integers C,H,W, e.g. 3,224,224; got {input_size!r}")
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
@@ -87,7 +87,7 @@ def params_flops(
              f"(`retrofit sites {target}` lists its residual sites)")
     from ..profile import profile_target
 
-    report = profile_target(target, tuple(size), batch_size, pretrained=not no_pretrained,
+    report = profile_target(target, tuple(size) if size is not None else None, batch_size, pretrained=not no_pretrained,
                             weights=str(weights) if weights is not None else None, latency=latency)
     data = report.to_dict()
     if as_json:
