@@ -11,7 +11,7 @@ import typer
 
 from .app import app, fail, handle_errors, parse_input_size, parse_ints
 
-ModelArg = Annotated[str, typer.Argument(help="timm name (resnet50, resnet50.a1_in1k), torchvision:NAME or hf-hub:ORG/NAME.")]
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="timm name (resnet50, resnet50.a1_in1k), torchvision:NAME or hf-hub:ORG/NAME.")]
 WeightsOpt = Annotated[
     Optional[Path],
     typer.Option("--weights", help="Local weights: .safetensors, or .pth/.pt/.bin (read with weights_only=True)."),
@@ -216,7 +216,7 @@ def _print_replaced(report: dict[str, Any]) -> None:
 @app.command("add")
 @handle_errors
 def add(
-    block: Annotated[str, typer.Argument(help="se, eca, se-var1, se-var2, se-var3 or se-gc.")],
+    block: Annotated[str, typer.Argument(metavar="BLOCK", help="se, eca, se-var1, se-var2, se-var3 or se-gc.")],
     model: ModelArg,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,

@@ -32,7 +32,7 @@ def weights(
 @demo_app.command("photos")
 @handle_errors
 def photos(
-    folder: Annotated[Path, typer.Argument(help="Folder to write chelsea.png and coffee.png into.")] = Path("."),
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder to write chelsea.png and coffee.png into.")] = Path("."),
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write scikit-image's chelsea (ImageNet class 285) and coffee (967) photos as PNG files."""

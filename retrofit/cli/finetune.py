@@ -43,7 +43,7 @@ Placement, Init, Reduction, Kernel, Groups, Include, Exclude, Stages, Replace, W
 Json = _in_panel(JsonOpt, OUTPUT_PANEL)
 
 SourceArg = Annotated[str, typer.Argument(
-    help="A retrofit checkpoint (.safetensors) or a model name: timm (tf_efficientnet_lite0), torchvision:NAME, hf-hub:ORG/NAME.")]
+    metavar="SOURCE", help="A retrofit checkpoint (.safetensors) or a model name: timm (tf_efficientnet_lite0), torchvision:NAME, hf-hub:ORG/NAME.")]
 
 
 def default_output(source: str, block: str | None) -> Path:

@@ -15,8 +15,8 @@ from .app import app, fail, handle_errors
 @app.command("predict")
 @handle_errors
 def predict(
-    target: Annotated[str, typer.Argument(help="A retrofit checkpoint (.safetensors) or a model name.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="A retrofit checkpoint (.safetensors) or a model name.")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE", help="Image files.")],
     top: Annotated[int, typer.Option("--top", min=1, help="How many classes to show per image.")] = 5,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,
@@ -48,9 +48,9 @@ def predict(
 @app.command("compare")
 @handle_errors
 def compare(
-    base: Annotated[str, typer.Argument(help="The reference: a model name or checkpoint.")],
-    other: Annotated[str, typer.Argument(help="The model to compare: a checkpoint or model name.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    base: Annotated[str, typer.Argument(metavar="BASE", help="The reference: a model name or checkpoint.")],
+    other: Annotated[str, typer.Argument(metavar="OTHER", help="The model to compare: a checkpoint or model name.")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE", help="Image files.")],
     top: Annotated[int, typer.Option("--top", min=1, help="How many classes to compare per image.")] = 5,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights for BASE when it is a model name.")] = None,
     other_weights: Annotated[Optional[Path], typer.Option("--other-weights", help="Local weights for OTHER when it is a model name.")] = None,

@@ -17,7 +17,7 @@ report_app = typer.Typer(help="Reports on a model or a retrofit checkpoint.", no
 app.add_typer(report_app, name="report")
 
 TargetArg = Annotated[
-    str, typer.Argument(help="timm name, torchvision:NAME, hf-hub:ORG/NAME, or a retrofit .safetensors checkpoint.")
+    str, typer.Argument(metavar="TARGET", help="timm name, torchvision:NAME, hf-hub:ORG/NAME, or a retrofit .safetensors checkpoint.")
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="N of the input; MACs and element ops scale with it.")]
 _METRICS = (
