@@ -303,6 +303,9 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
+        # name weights first: BatchNorm counters say nothing about which architecture a file is for
+        missing.sort(key=lambda k: k.endswith("num_batches_tracked"))
+        unexpected.sort(key=lambda k: k.endswith("num_batches_tracked"))
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")

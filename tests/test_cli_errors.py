@@ -111,6 +111,13 @@ def test_mismatched_weights_name_missing_and_unexpected_keys(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)  # wrappers are unwrapped
     result = run("add-eca", "resnet18", "--weights", str(path), "-o", str(tmp_path / "x.safetensors"))
     assert_one_line_error(result, "1 missing (fc.bias)", "1 unexpected (extra.weight)")
+    # another architecture's file: the examples are weights, not BatchNorm counters
+    other = {f"net.{k}": v for k, v in state.items()}
+    other["a.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    torch.save(dict(sorted(other.items(), key=lambda kv: not kv[0].endswith("num_batches_tracked"))), path)
+    result = run("add-eca", "resnet18", "--weights", str(path), "-o", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(result, "unexpected (net.conv1.weight, net.bn1.weight, net.bn1.bias")
+    assert "num_batches_tracked" not in result.stderr
 
 
 def test_weights_without_num_batches_tracked_load_like_pytorch_loads_them(tmp_path):
