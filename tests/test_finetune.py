@@ -197,7 +197,7 @@ def test_resume_equals_uninterrupted_run(small_digits, lite0_weights, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_agree_and_write_once(small_digits, lite0_weights, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun's torchelastic_* folders
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--no-python", RETROFIT, "finetune", "tf_efficientnet_lite0", "--weights", str(lite0_weights),
            "--block", "eca", "--data", str(small_digits), "--epochs", "2", "-b", "10", "--lr", "2e-3",
@@ -240,7 +240,8 @@ def test_teardown_frees_the_gloo_group(tmp_path):
     script = tmp_path / "teardown.py"
     script.write_text(_TEARDOWN_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # the two ranks share stdout, so their lines may interleave: match, don't split
     found = sorted(re.findall(r"rank (\d) gloo threads after teardown: (\d+)", proc.stdout))
