@@ -200,6 +200,9 @@ class SiteCost(Cost):
     (for a swap: the module holding it);
     ``channels``, ``height``, ``width`` describe the map it gates in the profiled forward pass;
     ``stage`` is the site's stage (:attr:`retrofit.graph.Site.stage`); ``setting`` reads like ``r=16 (16)``.
+    For a swap, ``replaced`` is the former module's class (``SqueezeExcite``) and ``replaced_params``
+    its parameters, which the base model holds: the Δ of the totals is then the rows' ``params``
+    minus their ``replaced_params`` (for inserted blocks both are empty: the Δ is the rows' sum).
     """
 
     key: str = ""
@@ -210,11 +213,13 @@ class SiteCost(Cost):
     width: int = 0
     stage: int = 0
     setting: str = ""
+    replaced: str = ""
+    replaced_params: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "owner": self.owner, "block": self.block, "setting": self.setting,
                 "channels": self.channels, "height": self.height, "width": self.width, "stage": self.stage,
-                **super().to_dict()}
+                "replaced": self.replaced, "replaced_params": self.replaced_params, **super().to_dict()}
 
 
 @dataclass(frozen=True)
@@ -517,7 +522,7 @@ def _site_rows(
     rows_by_name = {m.name: m for m in modules}
 
     def row(key: str, owner: str, block: str, channels: int, options: dict[str, Any], height: int, width: int,
-            stage: int) -> SiteCost:
+            stage: int, replaced: str = "", replaced_params: int = 0) -> SiteCost:
         counted = rows_by_name.get(key)
         params, _ = _unique_params(model.get_submodule(key))
         return SiteCost(
@@ -526,7 +531,8 @@ def _site_rows(
             counted.element_ops if counted else 0,
             dict(counted.element_ops_by_op) if counted else {},
             key=key, owner=owner, block=block, channels=channels, height=height, width=width,
-            stage=stage, setting=block_class(block).describe(options),
+            stage=stage, setting=block_class(block).describe(options), replaced=replaced,
+            replaced_params=replaced_params,
         )
 
     out = []
@@ -539,7 +545,8 @@ def _site_rows(
         shape = shapes.get(r.path, ())
         height, width = (shape[2], shape[3]) if len(shape) == 4 else (0, 0)
         stage = _stages(model, [_stride(input_size[-2], height)])[0] if height else 0
-        out.append(row(r.path, r.path.rpartition(".")[0], record.block, r.channels, r.options, height, width, stage))
+        out.append(row(r.path, r.path.rpartition(".")[0], record.block, r.channels, r.options, height, width, stage,
+                       r.was, r.params_before))
     return tuple(out)
 
 

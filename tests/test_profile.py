@@ -366,3 +366,11 @@ def test_per_site_report_of_a_replace_existing_checkpoint_lists_the_swapped_bloc
     # ECA with k=3 on C=16: C·k MACs (one 1-D conv across channels per image).
     assert first["setting"] == "k=3" and first["macs"] == 16 * 3
     assert [s["stage"] for s in sites] == sorted(s["stage"] for s in sites)
+    # the swapped SE modules' parameters are in the base: Δ = new blocks − replaced modules
+    assert {s["replaced"] for s in sites} == {"SqueezeExcite"}
+    assert [s["replaced_params"] for s in sites] == [r["params_before"] for r in replaced]
+    delta = json.loads(result.output)["delta"]["params"]
+    assert delta == sum(s["params"] for s in sites) - sum(s["replaced_params"] for s in sites) < 0
+    table = CliRunner().invoke(app, ["report", "params-flops", str(out), "--per-site"])
+    new, old = sum(s["params"] for s in sites), sum(s["replaced_params"] for s in sites)
+    assert f"Δ params = {new:,} − {old:,} (the 9 SqueezeExcite modules they replaced)" in table.output

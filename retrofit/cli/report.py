@@ -29,7 +29,7 @@ _METRICS = (
     ("latency_ms", "latency (ms)"),
 )
 _SITE_COLUMNS = ("key", "owner", "block", "setting", "channels", "height", "width", "params", "macs", "flops",
-                 "element_ops")
+                 "element_ops", "replaced", "replaced_params")
 
 
 @report_app.command(
@@ -184,6 +184,16 @@ def _site_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _replaced_note(data: dict[str, Any]) -> str | None:
+    """For --replace-existing: the swapped SE modules' parameters, which the base holds (so Δ ≠ the rows' sum)."""
+    sites = [s for s in data["model"]["sites"] if s["replaced"]]
+    if not sites:
+        return None
+    new, old = sum(s["params"] for s in sites), sum(s["replaced_params"] for s in sites)
+    kinds = ", ".join(sorted({s["replaced"] for s in sites}))
+    return f"Δ params = {new:,} − {old:,} (the {len(sites)} {kinds} modules they replaced)"
+
+
 def _title(data: dict[str, Any]) -> str:
     shape = "×".join(str(v) for v in [data["batch_size"], *data["input_size"]])
     base = f" · base {data['name']}" if data["base"] is not None else ""
@@ -214,7 +224,7 @@ def _markdown(data: dict[str, Any], per_site: bool) -> str:
     lines = _md_table(header, rows)
     if per_site:
         lines += [""] + _md_table(*_site_rows(data))
-    for note in (_latency_spread(data), _uncounted(data)):
+    for note in (_replaced_note(data) if per_site else None, _latency_spread(data), _uncounted(data)):
         if note:
             lines += ["", note]
     return "\n".join(lines)
@@ -270,6 +280,8 @@ def _print_rich(data: dict[str, Any], per_site: bool) -> None:
         sites.add_section()
         sites.add_row(*rows[-1])
         console.print(sites)
+        if _replaced_note(data):
+            console.print(_replaced_note(data), markup=False)
     note = _uncounted(data)
     if note:
         console.print(note, markup=False)
