@@ -469,13 +469,39 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_settings(small_di
     assert_one_line_error(result, "--block is 'eca' but the run being resumed had no --block")
 
 
+def test_an_overwrite_that_fails_before_its_first_epoch_puts_the_old_run_back(small_digits, tmp_path):
+    out = tmp_path / "run"
+    common = ["finetune", "resnet18", "--no-pretrained", "--data", small_digits, "--epochs", 1, "-j", 0, "-o", out]
+    assert run(*common, "-b", 50, "--img-size", 16).exit_code == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert {"last.safetensors", "trainer_state.safetensors", "config.json", "metrics.csv"} <= set(before)
+    # fails at its first step (batch 1 with 1×1 maps): the run it was replacing comes back whole
+    failed = run(*common, "-b", 1, "--img-size", 8, "--overwrite")
+    assert_one_line_error(failed, "--batch-size 1 at --img-size 8")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # one that gets through its first epoch replaces it, and leaves nothing aside
+    assert run(*common, "-b", 50, "--img-size", 16, "--overwrite", "--seed", 1).exit_code == 0
+    after = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert set(after) == set(before) and after["last.safetensors"] != before["last.safetensors"]
+
+
+def test_a_users_own_config_json_is_not_taken_for_a_run(small_digits, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": 1}')
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "-o", out)
+    assert_one_line_error(result, "holds a config.json that is not a retrofit run record")
+    assert (out / "config.json").read_text() == '{"mine": 1}'
+
+
 def test_a_run_that_finished_no_epoch_can_be_started_again_and_a_tampered_state_is_refused(small_digits, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # what a run killed during its first epoch leaves
+    # what a run killed during its first epoch leaves: its run record only
+    (out / "config.json").write_text(json.dumps({"config": {"source": "tf_efficientnet_lite0"}, "classes": []}))
     common = ["finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "--epochs", 2,
               "-b", 50, *DIGIT_AUG, "-o", out]
     resumed = run(*common, "--resume")

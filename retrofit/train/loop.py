@@ -24,9 +24,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,17 @@ from .state import STATE_FILE, load_optimizer_state, load_trainer_state, rng_sta
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 LAST, BEST, EMA = "last.safetensors", "best.safetensors", "ema.safetensors"
 RUN_FILES = (LAST, BEST, EMA, STATE_FILE, "metrics.csv", "curves.png", "config.json", "summary.json")
+#: Where --overwrite keeps the run it replaces until the new run's first epoch is written.
+REPLACED = ".replaced"
+
+
+def _is_run_record(path: Path) -> bool:
+    """Whether ``path`` is a ``config.json`` that ``retrofit finetune`` wrote (not some other tool's)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("config"), dict) and "source" in record["config"]
 
 
 @dataclass
@@ -168,7 +182,12 @@ class Trainer:
                     f"nothing to resume in {self.out}: no {STATE_FILE} there{started}; start without --resume"
                 )
         elif previous == ["config.json"]:
-            pass  # a run that stopped before its first epoch ended: nothing to keep, start it again
+            # a run that stopped before its first epoch ended: nothing to keep, start it again;
+            # but a config.json that is not a run record is the user's, and stays
+            if not _is_run_record(self.out / "config.json"):
+                raise RetrofitError(
+                    f"{self.out} holds a config.json that is not a retrofit run record; choose another --output"
+                )
         elif previous and not self.config.overwrite:
             raise RetrofitError(
                 f"{self.out} already holds a run ({', '.join(previous[:3])}); pass --resume to continue it, "
@@ -177,16 +196,41 @@ class Trainer:
         self.previous = previous
 
     def _clear_output(self) -> None:
-        """After a successful setup: remove temporary files of killed writes and, with --overwrite, the old run."""
+        """After a successful setup: remove temporary files of killed writes and, with --overwrite, set the old run aside.
+
+        The old run's files move to ``OUTPUT/.replaced/``, and are deleted only once the new run's
+        first epoch is written (:meth:`_drop_replaced`); a failure before that puts them back
+        (:meth:`_restore_replaced`), so an --overwrite that fails loses nothing. A folder left by a
+        killed attempt keeps its ``.replaced`` until a run gets through its first epoch.
+        """
         distributed.barrier(self.d)
         if self.d.is_main:
             for name in RUN_FILES:
                 for stale in self.out.glob(f".{name}.*.tmp"):  # left by a killed atomic write
                     stale.unlink(missing_ok=True)
-            if self.config.overwrite:
+            aside = self.out / REPLACED
+            if self.config.overwrite and self.previous and not aside.is_dir():
+                aside.mkdir()
                 for name in self.previous:
-                    (self.out / name).unlink(missing_ok=True)
+                    os.replace(self.out / name, aside / name)
         distributed.barrier(self.d)
+
+    def _drop_replaced(self) -> None:
+        """The new run has an epoch on disk: the run it replaced can go."""
+        aside = self.out / REPLACED
+        if self.d.is_main and aside.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def _restore_replaced(self) -> None:
+        """A run that failed before writing an epoch: put the run it was replacing back."""
+        aside = self.out / REPLACED
+        if not self.d.is_main or not aside.is_dir() or self.saved_epoch:
+            return
+        if not (aside / "config.json").exists():
+            (self.out / "config.json").unlink(missing_ok=True)  # this run's record; the old run had none
+        for f in aside.iterdir():
+            os.replace(f, self.out / f.name)
+        aside.rmdir()
 
     def _build(self) -> None:
         cfg, d = self.config, self.d
@@ -287,6 +331,7 @@ class Trainer:
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
 
         self.epoch, self.updates = 0, 0
+        self.saved_epoch = 0  # the epoch last.safetensors holds (written in full)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": 0, "top1": -1.0, "weights": "model"}
         self.frozen: bool | None = None
@@ -303,6 +348,7 @@ class Trainer:
         load_optimizer_state(self.optimizer, state.optimizer)
         self.scheduler.load_state_dict(dict(state.scheduler))
         self.epoch, self.updates = state.epoch, state.updates
+        self.saved_epoch = state.epoch
         self.history = list(state.history)
         self.best = dict(state.best)
         # RNG last: everything above (model rebuild, EMA copy) may draw random numbers
@@ -522,6 +568,14 @@ class Trainer:
         self._check_output()
         self._build()
         self._clear_output()
+        try:
+            return self._run(started)
+        except BaseException:
+            self._restore_replaced()
+            raise
+
+    def _run(self, started: float) -> FinetuneResult:
+        cfg, d = self.config, self.d
         stop = cfg.until_epoch or cfg.epochs
         if self.d.is_main and not cfg.resume:
             write_json(self.out / "config.json", self._run_record())
@@ -534,14 +588,14 @@ class Trainer:
                 while self.epoch < stop:
                     self._one_epoch(progress)
         except NonFiniteLoss as e:
-            kept = (f"{self.out / LAST} still holds epoch {self.epoch}" if self.epoch
+            kept = (f"{self.out / LAST} still holds epoch {self.saved_epoch}" if self.saved_epoch
                     else "no checkpoint had been written yet")
             raise RetrofitError(
                 f"loss became {e.value} at step {e.step} (epoch {self.epoch + 1}, batch {e.batch}); stopped without "
                 f"saving that epoch: {kept}. Try a lower --lr or --clip-grad 1.0"
             ) from None
         except KeyboardInterrupt:
-            kept = (f"{self.out / LAST} holds epoch {self.epoch}; continue with --resume" if self.epoch
+            kept = (f"{self.out / LAST} holds epoch {self.saved_epoch}; continue with --resume" if self.saved_epoch
                     else "no epoch had finished yet: run the same command again to start over")
             raise KeyboardInterrupt(kept) from None
         except ValueError as e:
@@ -608,6 +662,8 @@ class Trainer:
         if d.is_main:  # the state first: with it, a resumed run can rewrite everything else
             self._write_state(rng)
             self._write_outputs()
+            self.saved_epoch = self.epoch
+            self._drop_replaced()
         distributed.barrier(d)
         self._say(self._epoch_line(row, improved is not None))
 
