@@ -374,6 +374,11 @@ def test_a_one_update_run_has_no_scheduler_warning(small_digits, tmp_path, caplo
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("timm.scheduler")]
 
 
+def test_workers_beyond_four_per_cpu_are_refused(tmp_path):
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path, "-j", 100000, "-o", tmp_path / "o")
+    assert_one_line_error(result, f"--workers must be between 0 and {4 * os.cpu_count()}", "got 100000")
+
+
 def test_data_without_train_split(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")

@@ -26,6 +26,11 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def max_workers() -> int:
+    """Most data-loading processes per rank: 4 × CPUs (``-j 100000`` used to exhaust the machine's memory)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 #: Largest --img-size (the limit --input-size has elsewhere): beyond it one image alone fills memory.
 MAX_IMG_SIZE = MAX_IMAGE_SIDE
 
@@ -134,7 +139,8 @@ class FinetuneConfig:
             (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
              f"--scale takes MIN,MAX with 0 < MIN ≤ MAX ≤ 1, got {','.join(map(str, self.scale))}"),
             (_finite(self.color_jitter) and self.color_jitter >= 0, f"--color-jitter must be ≥ 0, got {self.color_jitter}"),
-            (self.workers >= 0, f"--workers must be ≥ 0, got {self.workers}"),
+            (0 <= self.workers <= max_workers(),
+             f"--workers must be between 0 and {max_workers()} (4 × this machine's CPUs), got {self.workers}"),
             (self.device in DEVICES, f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"),
             (self.until_epoch is None or 1 <= self.until_epoch <= self.epochs,
