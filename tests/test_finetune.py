@@ -472,6 +472,15 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_settings(small_di
     assert_one_line_error(result, "--lr is 0.1 but the run being resumed used 0.001")
     result = run(*common, "-o", out, "--resume", "--epochs", 2, "--block", "eca")
     assert_one_line_error(result, "--block is 'eca' but the run being resumed had no --block")
+    # a class folder renamed under the same --data: the head's rows would be read as other classes
+    (small_digits / "train" / "9").rename(small_digits / "train" / "nine")
+    (small_digits / "val" / "9").rename(small_digits / "val" / "nine")
+    try:
+        result = run(*common, "-o", out, "--resume", "--epochs", 2)
+    finally:
+        (small_digits / "train" / "nine").rename(small_digits / "train" / "9")
+        (small_digits / "val" / "nine").rename(small_digits / "val" / "9")
+    assert_one_line_error(result, "the data's classes differ from the run being resumed (9 → nine)")
 
 
 def test_an_overwrite_that_fails_before_its_first_epoch_puts_the_old_run_back(small_digits, tmp_path):

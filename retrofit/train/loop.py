@@ -264,6 +264,8 @@ class Trainer:
             distributed.barrier(d)
             if not d.is_main:
                 self.splits = build_splits(cfg.data, cfg.val_data, train_tf, eval_tf, dataset_root=cfg.dataset_root)
+        if cfg.resume:
+            self._check_resumed_classes()
         classes = len(self.splits.classes)
         self.head_before = num_classes(model)
         # A checkpoint fine-tuned on other classes (same count, other names) gets a new head too:
@@ -284,6 +286,20 @@ class Trainer:
             if d.is_main and self.history:
                 self._write_outputs()
         self.scheduler.step_update(self.updates)
+
+    def _check_resumed_classes(self) -> None:
+        """The data of a resumed run must have the class names of the run (the head's rows follow them)."""
+        try:
+            saved = json.loads((self.out / "config.json").read_text()).get("classes")
+        except (OSError, ValueError, AttributeError):
+            return  # no record to check against; the class count is still checked
+        now = list(self.splits.classes)
+        if isinstance(saved, list) and saved != now:
+            gone, new = [c for c in saved if c not in now], [c for c in now if c not in saved]
+            what = (f"{', '.join(map(str, gone[:3]))} → {', '.join(map(str, new[:3]))}" if gone or new
+                    else "same names, other order")
+            raise RetrofitError(f"the data's classes differ from the run being resumed ({what}); resume with the "
+                                "same classes, or start a new run in another --output")
 
     def prepare(self, model: nn.Module, batches_per_epoch: int) -> None:
         """Put ``model`` on the device and build optimizer, schedule, loss and EMA for it.
