@@ -313,6 +313,45 @@ def test_compare_refuses_models_with_different_classes(tmp_path):
     assert_one_line_error(result, "resnet18 has 1000 classes", "has 10: compare needs two models of the same classes")
 
 
+def test_compare_refuses_same_count_other_class_names(tmp_path):
+    import retrofit
+
+    paths = []
+    for names in (["cat", "dog", "fox"], ["x", "y", "z"]):
+        model, _, _ = retrofit.load_model("resnet18", pretrained=False, num_classes=3)
+        retrofit.add_attention(model, "eca")
+        paths.append(retrofit.save_checkpoint(model, tmp_path / f"{names[0]}.safetensors",
+                                              extra={"finetune": {"classes": names}}))
+    result = run("compare", str(paths[0]), str(paths[1]), str(_png(tmp_path / "a.png")))
+    assert_one_line_error(result, "name their classes differently")
+
+
+def test_weight_options_of_predict_and_compare_name_the_option_that_cannot_apply(tmp_path, monkeypatch):
+    import retrofit
+    import retrofit.models as models
+
+    model, _, _ = retrofit.load_model("resnet18", pretrained=False)
+    retrofit.add_attention(model, "eca")
+    ckpt = str(retrofit.save_checkpoint(model, tmp_path / "r18-eca.safetensors"))
+    image, weights = str(_png(tmp_path / "a.png")), str(tmp_path / "w.pth")
+    torch.save(model.state_dict(), weights)
+    cases = [
+        (["predict", ckpt, image, "--no-pretrained"], f"--no-pretrained applies to a model name; {ckpt} is a checkpoint"),
+        (["predict", "resnet18", image, "--weights", weights, "--no-pretrained"], "--weights and --no-pretrained exclude"),
+        (["compare", "resnet18", ckpt, image, "--weights", weights, "--other-weights", weights],
+         "--other-weights applies to OTHER when it is a model name"),
+        (["compare", ckpt, ckpt, image, "--no-pretrained"], "BASE and OTHER are both checkpoints"),
+        (["compare", "resnet18", ckpt, image, "--weights", weights, "--no-pretrained"], "--weights and --no-pretrained"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(run(*args), message)
+    # offline, OTHER's hint names OTHER's option
+    monkeypatch.setattr(models, "_hub_reachable", lambda host: False)
+    monkeypatch.setattr(models, "_hf_cached_file", lambda hub_id: None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert_one_line_error(run("compare", ckpt, "resnet18", image), "pass a local file with --other-weights FILE")
+
+
 def test_images_over_pil_bomb_limit_are_one_line_errors_and_large_ones_no_warning(tmp_path, monkeypatch):
     import warnings
 

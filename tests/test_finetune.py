@@ -379,6 +379,13 @@ def test_workers_beyond_four_per_cpu_are_refused(tmp_path):
     assert_one_line_error(result, f"--workers must be between 0 and {4 * os.cpu_count()}", "got 100000")
 
 
+def test_seed_range_and_no_pretrained_with_a_checkpoint(tmp_path):
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path, "--seed", 2**70, "-o", tmp_path / "o")
+    assert_one_line_error(result, "--seed must be between 0 and 2**63 - 1")
+    result = run("finetune", tmp_path / "c.safetensors", "--no-pretrained", "--data", tmp_path, "-o", tmp_path / "o")
+    assert_one_line_error(result, "--no-pretrained applies to a model name; a checkpoint holds its own weights")
+
+
 def test_data_without_train_split(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")

@@ -26,6 +26,7 @@ def predict(
     from ..checkpoint import load_target
     from ..predict import predict as run
 
+    _check_weight_flags(target, weights, no_pretrained, "--weights", "TARGET")
     model = load_target(target, pretrained=not no_pretrained, weights=weights)
     results = run(model, [str(p) for p in images], top=top)
     if as_json:
@@ -58,15 +59,29 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Top-k of BASE and OTHER side by side, the max |Δ logit|, and whether the top-k agree."""
-    from ..checkpoint import load_target
+    from ..checkpoint import is_checkpoint, load_target
+    from ..errors import RetrofitError
+    from ..predict import class_names
     from ..predict import predict as run
 
+    _check_weight_flags(base, weights, False, "--weights", "BASE")
+    _check_weight_flags(other, other_weights, False, "--other-weights", "OTHER")
+    if no_pretrained and (weights is not None or other_weights is not None):
+        fail(f"{'--weights' if weights is not None else '--other-weights'} and --no-pretrained exclude each other")
+    if no_pretrained and is_checkpoint(base) and is_checkpoint(other):
+        fail("--no-pretrained applies to a model name; BASE and OTHER are both checkpoints")
     paths = [str(p) for p in images]
-    a = run(load_target(base, pretrained=not no_pretrained, weights=weights), paths, top=top)
-    b = run(load_target(other, pretrained=not no_pretrained, weights=other_weights), paths, top=top)
+    base_model = load_target(base, pretrained=not no_pretrained, weights=weights)
+    try:
+        other_model = load_target(other, pretrained=not no_pretrained, weights=other_weights)
+    except RetrofitError as e:  # its hints name --weights, which is BASE's here
+        raise RetrofitError(str(e).replace("--weights FILE", "--other-weights FILE")) from e
+    a, b = run(base_model, paths, top=top), run(other_model, paths, top=top)
     if a[0].logits.shape != b[0].logits.shape:
         fail(f"{base} has {a[0].logits.shape[-1]} classes and {other} has {b[0].logits.shape[-1]}: "
              "compare needs two models of the same classes")
+    if class_names(base_model) != class_names(other_model):
+        fail(f"{base} and {other} name their classes differently: compare needs two models of the same classes")
     rows = [
         {"image": x.image, "base": x.classes, "other": y.classes, "same_top_k": x.classes == y.classes,
          "max_abs_logit_diff": float((x.logits - y.logits).abs().max())}
@@ -79,7 +94,7 @@ def compare(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"top-{top}: {base}  vs  {other}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=f"top-{len(rows[0]['base'])}: {base}  vs  {other}", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("image", overflow="fold")
     for col in ("base", "other", "same", "max |Δ logit|"):  # class lists stay on one line
         table.add_column(col, no_wrap=True)
@@ -87,3 +102,15 @@ def compare(
         table.add_row(Path(r["image"]).name, " ".join(map(str, r["base"])), " ".join(map(str, r["other"])),
                       "yes" if r["same_top_k"] else "NO", f"{r['max_abs_logit_diff']:.2e}")
     Console().print(table)
+
+
+def _check_weight_flags(target: str, weights: Optional[Path], no_pretrained: bool, flag: str, name: str) -> None:
+    """One-line errors for weight options that cannot apply to ``target`` (a checkpoint holds its own)."""
+    from ..checkpoint import is_checkpoint
+
+    if weights is not None and no_pretrained:
+        fail(f"{flag} and --no-pretrained exclude each other")
+    if is_checkpoint(target) and weights is not None:
+        fail(f"{flag} applies to {name} when it is a model name; {target} is a checkpoint")
+    if is_checkpoint(target) and no_pretrained:
+        fail(f"--no-pretrained applies to a model name; {target} is a checkpoint")

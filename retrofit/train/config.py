@@ -149,6 +149,9 @@ class FinetuneConfig:
             # before the output folder is looked at (a resumed run rebuilds from its trainer state instead)
             (self.weights is None or self.resume or os.path.isfile(self.weights), f"weights file not found: {self.weights}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (0 <= self.seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {self.seed}"),
+            (not (str(self.source).endswith(".safetensors") and not self.pretrained),
+             "--no-pretrained applies to a model name; a checkpoint holds its own weights"),
         ]
         for ok, message in checks:
             if not ok:
