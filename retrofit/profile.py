@@ -352,7 +352,7 @@ def _probe(model: nn.Module, size: tuple[int, ...], batch_size: int) -> torch.Te
     g = torch.Generator().manual_seed(0)
     try:
         return torch.randn((batch_size, *size), generator=g).to(device=device, dtype=dtype)
-    except (RuntimeError, MemoryError) as e:  # e.g. "can't allocate memory" for a huge batch
+    except (RuntimeError, MemoryError, TypeError, OverflowError) as e:  # "can't allocate memory"; a size past int64
         shape = "×".join(map(str, (batch_size, *size)))
         raise RetrofitError(
             f"cannot allocate an input of {shape} ({type(e).__name__}); try a smaller --batch-size or --input-size"

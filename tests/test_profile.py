@@ -331,6 +331,9 @@ def test_no_pretrained_with_a_checkpoint_is_refused(se_checkpoint):
         (["resnet18", "--json", "--csv"], "choose one of --json, --markdown, --csv"),
         (["missing.safetensors"], "checkpoint not found: missing.safetensors"),
         (["torchvision:resnet18", "--no-pretrained", "--input-size", "4,64,64"], "forward pass on an input"),
+        (["resnet18", "--no-pretrained", "--input-size", "3,5000,5000"], "too large (at most 64 channels and 4096×4096)"),
+        (["resnet18", "--no-pretrained", "--input-size", "3,224"], "--input-size takes three positive integers C,H,W"),
+        (["resnet18", "--no-pretrained", "--batch-size", str(10**23)], "cannot allocate an input of 1000"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(args, message):

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .add import NoPretrainedOpt, WeightsOpt
-from .app import app, fail, handle_errors, parse_ints
+from .app import app, fail, handle_errors, parse_input_size
 
 report_app = typer.Typer(help="Reports on a model or a retrofit checkpoint.", no_args_is_help=True)
 app.add_typer(report_app, name="report")
@@ -72,9 +72,7 @@ def params_flops(
         fail("choose one of --json, --markdown, --csv")
     if weights is not None and no_pretrained:
         fail("--weights and --no-pretrained exclude each other")
-    size = parse_ints(input_size, "--input-size")
-    if size is not None and any(v < 1 for v in size):
-        fail(f"--input-size takes positive integers C,H,W, e.g. 3,224,224; got {input_size!r}")
+    size = parse_input_size(input_size)  # three positive integers within retrofit.limits
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
 
