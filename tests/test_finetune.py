@@ -386,6 +386,24 @@ def test_seed_range_and_no_pretrained_with_a_checkpoint(tmp_path):
     assert_one_line_error(result, "--no-pretrained applies to a model name; a checkpoint holds its own weights")
 
 
+def test_resume_mismatch_reads_as_the_command_line():
+    import dataclasses
+
+    from retrofit.train.config import FinetuneConfig, resume_mismatch
+
+    saved = FinetuneConfig("resnet18", data="d", output="o", block="eca", include=["layer4.*"], pretrained=False)
+    cases = {
+        "SOURCE is 'resnet34' but the run being resumed used 'resnet18'": dict(source="resnet34"),
+        "--no-pretrained is not given but the run being resumed used it": dict(pretrained=True),
+        f"--ema is {'off' if saved.ema else 'on'} but the run being resumed had it {'on' if saved.ema else 'off'}":
+            dict(ema=not saved.ema),
+        "--include is a,b but the run being resumed used layer4.*": dict(include=["a", "b"]),
+        "--block is not given but the run being resumed used 'eca'": dict(block=None),
+    }
+    for message, change in cases.items():
+        assert resume_mismatch(saved.to_dict(), dataclasses.replace(saved, **change)).startswith(message + ";")
+
+
 def test_data_without_train_split(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")

@@ -185,12 +185,26 @@ def resume_mismatch(saved: dict[str, Any], current: FinetuneConfig) -> str | Non
     now = current.to_dict()
     for name in RESUME_FIELDS:
         if name in saved and saved[name] != now[name]:
-            flag = "--" + name.replace("_", "-")
-            was = f"used {saved[name]!r}" if saved[name] is not None else f"had no {flag}"
-            now_ = f"is {now[name]!r}" if now[name] is not None else "is not given"
-            return (f"{flag} {now_} but the run being resumed {was}; "
+            return (f"{_differs(name, now[name], saved[name])}; "
                     "resume with the same settings (or start a new run in another --output)")
     return None
+
+
+def _differs(name: str, now: Any, saved: Any) -> str:
+    """``--lr is 0.1 but the run being resumed used 0.001``, worded as the command line reads."""
+    if name == "pretrained":  # the flag is --no-pretrained
+        return ("--no-pretrained is given but the run being resumed did not use it" if not now
+                else "--no-pretrained is not given but the run being resumed used it")
+    flag = "SOURCE" if name == "source" else "--" + name.replace("_", "-")
+    if isinstance(now, bool) or isinstance(saved, bool):
+        return f"{flag} is {'on' if now else 'off'} but the run being resumed had it {'on' if saved else 'off'}"
+
+    def shown(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)
+
+    current = f"is {shown(now)}" if now is not None else "is not given"
+    was = f"used {shown(saved)}" if saved is not None else f"had no {flag}"
+    return f"{flag} {current} but the run being resumed {was}"
 
 
 def _finite(x: float) -> bool:
