@@ -162,7 +162,18 @@ def _open(path: Path) -> tuple[Recipe, dict[str, str]]:
 def rebuild(recipe: Recipe) -> nn.Module:
     """The recipe's architecture with its blocks inserted, random weights, no download."""
     source = recipe.source
-    model = build(ModelSpec(source["model"], source["zoo"], dict(source.get("kwargs") or {})))
+    zoo, name = source.get("zoo"), source.get("model")
+    if zoo not in ("timm", "torchvision") or not isinstance(name, str):
+        raise RetrofitError(f"the checkpoint's recipe names model {name!r} of zoo {zoo!r}; retrofit builds timm "
+                            "and torchvision models")
+    try:
+        model = build(ModelSpec(name, zoo, dict(source.get("kwargs") or {})))
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:  # e.g. timm "Unknown model (…)"
+        written = (recipe.versions or {}).get(zoo)
+        raise RetrofitError(
+            f"cannot build the checkpoint's model {name!r} with this {zoo}"
+            f"{f' (the checkpoint was written with {zoo} {written})' if written else ''}: {str(e).splitlines()[0]}"
+        ) from None
     setattr(model, SOURCE_MARK, dict(source))
     input_size = tuple(recipe.input_size) if recipe.input_size else None
     if recipe.replaced:

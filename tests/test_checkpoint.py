@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -91,3 +93,30 @@ def test_save_does_not_leave_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["plain.safetensors"]
     with pytest.raises(RetrofitError, match="exists"):
         retrofit.save_checkpoint(model, tmp_path / "plain.safetensors", overwrite=False)
+
+
+@pytest.mark.parametrize(("zoo", "model", "message"), [
+    ("timm", "nosuchmodel", "cannot build the checkpoint's model 'nosuchmodel' with this timm (the checkpoint was written with timm"),
+    ("keras", "resnet18", "the checkpoint's recipe names model 'resnet18' of zoo 'keras'; retrofit builds timm and torchvision"),
+])
+def test_a_recipe_naming_a_model_this_install_cannot_build_is_one_line(tmp_path, zoo, model, message):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from retrofit.checkpoint import DIGEST_KEY, RECIPE_KEY, tensors_digest
+
+    net, _, _ = retrofit.load_model("resnet18", pretrained=False)
+    retrofit.add_attention(net, "eca")
+    path = retrofit.save_checkpoint(net, tmp_path / "r18.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    recipe = json.loads(meta[RECIPE_KEY])
+    recipe["source"].update(zoo=zoo, model=model)
+    recipe_json = json.dumps(recipe)
+    save_file(tensors, str(path), metadata={RECIPE_KEY: recipe_json, DIGEST_KEY: tensors_digest(tensors, recipe_json)})
+    with pytest.raises(RetrofitError, match="^" + re.escape(message)):
+        retrofit.load_checkpoint(path)
+    result = CliRunner().invoke(app, ["report", "params-flops", str(path)])
+    assert result.exit_code == 2 and result.output.startswith("error: " + message), result.output
