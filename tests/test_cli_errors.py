@@ -76,6 +76,8 @@ def test_options_out_of_range(args, fragment, tmp_path):
 
 
 def test_output_exists_is_not_overwritten(tmp_path):
+    import timm
+
     out = tmp_path / "keep.safetensors"
     out.write_bytes(b"precious")
     result = run("add-eca", "resnet18", "--no-pretrained", "-o", str(out))
@@ -87,6 +89,15 @@ def test_output_exists_is_not_overwritten(tmp_path):
     assert out.read_bytes() == b"precious"
     assert run("add-eca", "resnet18", "--no-pretrained", "-o", str(out), "--overwrite").exit_code == 0
     assert out.read_bytes() != b"precious"
+    # the weights file itself is never the output, even with --overwrite
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "r18.safetensors"
+    save_file(timm.create_model("resnet18").state_dict(), str(weights))
+    kept = weights.read_bytes()
+    result = run("add-eca", "resnet18", "--weights", str(weights), "-o", str(weights), "--overwrite")
+    assert_one_line_error(result, "is the --weights file itself")
+    assert weights.read_bytes() == kept
 
 
 def test_unreadable_weights_file(tmp_path):

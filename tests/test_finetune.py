@@ -518,6 +518,10 @@ def test_an_overwrite_that_fails_before_its_first_epoch_puts_the_old_run_back(sm
     failed = run(*common, "-b", 1, "--img-size", 8, "--overwrite")
     assert_one_line_error(failed, "--batch-size 1 at --img-size 8")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # its own checkpoint as SOURCE would be replaced too: refused
+    own = run("finetune", out / "last.safetensors", "--data", small_digits, "-o", out, "--overwrite")
+    assert_one_line_error(own, "is a file of the run in", "copy it elsewhere first")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     # one that gets through its first epoch replaces it, and leaves nothing aside
     assert run(*common, "-b", 50, "--img-size", 16, "--overwrite", "--seed", 1).exit_code == 0
     after = {f.name: f.read_bytes() for f in out.iterdir()}

@@ -92,6 +92,8 @@ def run_add(
     output = check_writable(output if output is not None else default_output(model, block), overwrite)
     if output.suffix != ".safetensors":
         fail(f"output {output} must be a file name ending in .safetensors")
+    if weights is not None and output.exists() and output.resolve() == weights.resolve():
+        fail(f"output {output} is the --weights file itself; write the checkpoint to another file")
 
     from ..checkpoint import save_checkpoint
     from ..models import load_model

@@ -59,6 +59,12 @@ RUN_FILES = (LAST, BEST, EMA, STATE_FILE, "metrics.csv", "curves.png", "config.j
 REPLACED = ".replaced"
 
 
+def _inside(source: str, files: list[Path]) -> bool:
+    """Whether the SOURCE path is one of ``files``."""
+    path = Path(source)
+    return path.exists() and any(f.exists() and path.resolve() == f.resolve() for f in files)
+
+
 def _is_run_record(path: Path) -> bool:
     """Whether ``path`` is a ``config.json`` that ``retrofit finetune`` wrote (not some other tool's)."""
     try:
@@ -188,6 +194,11 @@ class Trainer:
                 raise RetrofitError(
                     f"{self.out} holds a config.json that is not a retrofit run record; choose another --output"
                 )
+        elif previous and _inside(self.config.source, [self.out / name for name in previous]):
+            raise RetrofitError(
+                f"SOURCE {self.config.source} is a file of the run in {self.out}, which --overwrite would replace; "
+                "copy it elsewhere first, or choose another --output"
+            )
         elif previous and not self.config.overwrite:
             raise RetrofitError(
                 f"{self.out} already holds a run ({', '.join(previous[:3])}); pass --resume to continue it, "
