@@ -465,7 +465,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_epoch(small_digit
     result = run("finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "--epochs", 3,
                  "-b", 50, *DIGIT_AUG, "-o", out)
     # 2 batches per epoch: batch 3 is epoch 2, batch 1
-    assert_one_line_error(result, "loss became nan at step 3 (epoch 2, batch 1)", "still holds epoch 1")
+    assert_one_line_error(result, "loss became nan at step 3 (epoch 2, batch 1)", "epoch 1 is still saved in")
     assert read_recipe(out / "last.safetensors").extra["finetune"]["epoch"] == 1
     assert len(rows(out)) == 1
 
@@ -583,7 +583,7 @@ def test_ctrl_c_says_which_epoch_is_kept_and_how_to_continue(small_digits, tmp_p
     assert proc.returncode == 130, stderr[-3000:]
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: interrupted; ") and line.endswith("continue with --resume"), stderr
-    epoch = int(line.split("holds epoch ")[1].split(";")[0])
+    epoch = int(line.split("; epoch ")[1].split(" is saved in")[0])
     assert epoch >= 1 and load_trainer_state(out).epoch == epoch
 
 

@@ -615,14 +615,14 @@ class Trainer:
                 while self.epoch < stop:
                     self._one_epoch(progress)
         except NonFiniteLoss as e:
-            kept = (f"{self.out / LAST} still holds epoch {self.saved_epoch}" if self.saved_epoch
+            kept = (f"epoch {self.saved_epoch} is still saved in {self.out}" if self.saved_epoch
                     else "no checkpoint had been written yet")
             raise RetrofitError(
                 f"loss became {e.value} at step {e.step} (epoch {self.epoch + 1}, batch {e.batch}); stopped without "
                 f"saving that epoch: {kept}. Try a lower --lr or --clip-grad 1.0"
             ) from None
         except KeyboardInterrupt:
-            kept = (f"{self.out / LAST} holds epoch {self.saved_epoch}; continue with --resume" if self.saved_epoch
+            kept = (f"epoch {self.saved_epoch} is saved in {self.out}; continue with --resume" if self.saved_epoch
                     else "no epoch had finished yet: run the same command again to start over")
             raise KeyboardInterrupt(kept) from None
         except ValueError as e:
@@ -688,9 +688,9 @@ class Trainer:
         rng = distributed.gather_objects(d, rng_state())
         if d.is_main:  # the state first: with it, a resumed run can rewrite everything else
             self._write_state(rng)
-            self._write_outputs()
-            self.saved_epoch = self.epoch
+            self.saved_epoch = self.epoch  # resumable from here: --resume rewrites the other files from the state
             self._drop_replaced()
+            self._write_outputs()
         distributed.barrier(d)
         self._say(self._epoch_line(row, improved is not None))
 
