@@ -404,6 +404,29 @@ def test_resume_mismatch_reads_as_the_command_line():
         assert resume_mismatch(saved.to_dict(), dataclasses.replace(saved, **change)).startswith(message + ";")
 
 
+def test_under_torchrun_a_peer_gone_and_ctrl_c_name_the_rank(monkeypatch):
+    import typer
+
+    from retrofit.cli.app import handle_errors
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    demo = typer.Typer()
+
+    @demo.command()
+    @handle_errors
+    def go(what: str) -> None:
+        if what == "peer":
+            raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1188")
+        raise KeyboardInterrupt("epoch 1 is saved in o; continue with --resume")
+
+    peer = CliRunner().invoke(demo, ["peer"])
+    assert_one_line_error(peer, "error: [rank 0 of 2] another process of the run stopped (its own error line says why)")
+    interrupted = CliRunner().invoke(demo, ["ctrl-c"])
+    assert interrupted.exit_code == 130
+    assert interrupted.stderr.strip() == "error: [rank 0 of 2] interrupted; epoch 1 is saved in o; continue with --resume"
+
+
 def test_data_without_train_split(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     result = run("finetune", "resnet18", "--no-pretrained", "--data", tmp_path / "d", "-o", tmp_path / "o")
@@ -483,16 +506,17 @@ def test_cuda_out_of_memory_suggests_a_batch_size(small_digits, tmp_path, monkey
 def test_existing_run_is_not_overwritten_and_resume_needs_same_settings(small_digits, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    (out / "last.safetensors").write_bytes(b"precious")
+    (out / "last.safetensors").write_bytes(b"precious")  # a file of the user's, not a run
     common = ["finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "-b", 50, *DIGIT_AUG]
-    result = run(*common, "-o", out)
-    assert_one_line_error(result, "already holds a run", "--resume", "--overwrite")
-    assert (out / "last.safetensors").read_bytes() == b"precious"
-    result = run(*common, "-o", out, "--resume")
-    assert_one_line_error(result, "nothing to resume")
-    assert (out / "last.safetensors").read_bytes() == b"precious"
-    result = run(*common, "-o", out, "--overwrite", "--epochs", 2, "--until-epoch", 1)
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        result = run(*common, "-o", out, *extra)
+        assert_one_line_error(result, "holds last.safetensors but no retrofit run", "choose another --output")
+        assert (out / "last.safetensors").read_bytes() == b"precious"
+    (out / "last.safetensors").unlink()
+    result = run(*common, "-o", out, "--epochs", 2, "--until-epoch", 1)
     assert result.exit_code == 0, result.output
+    result = run(*common, "-o", out, "--epochs", 2)
+    assert_one_line_error(result, "already holds a run", "--resume", "--overwrite")
     result = run(*common, "-o", out, "--resume", "--epochs", 2, "--lr", 0.1)
     assert_one_line_error(result, "--lr is 0.1 but the run being resumed used 0.001")
     result = run(*common, "-o", out, "--resume", "--epochs", 2, "--block", "eca")
@@ -505,7 +529,7 @@ def test_existing_run_is_not_overwritten_and_resume_needs_same_settings(small_di
     finally:
         (small_digits / "train" / "nine").rename(small_digits / "train" / "9")
         (small_digits / "val" / "nine").rename(small_digits / "val" / "9")
-    assert_one_line_error(result, "the data's classes differ from the run being resumed (9 → nine)")
+    assert_one_line_error(result, "the data's classes differ from those of the run being resumed (missing: 9; new: nine)")
 
 
 def test_an_overwrite_that_fails_before_its_first_epoch_puts_the_old_run_back(small_digits, tmp_path):
@@ -517,6 +541,22 @@ def test_an_overwrite_that_fails_before_its_first_epoch_puts_the_old_run_back(sm
     # fails at its first step (batch 1 with 1×1 maps): the run it was replacing comes back whole
     failed = run(*common, "-b", 1, "--img-size", 8, "--overwrite")
     assert_one_line_error(failed, "--batch-size 1 at --img-size 8")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # what a SIGKILL during an --overwrite leaves (old run set aside, the new run's record only):
+    # the next command in that folder puts the old run back, whatever its flags
+    aside = out / ".replaced"
+    aside.mkdir()
+    for name in before:
+        os.replace(out / name, aside / name)
+    (out / "config.json").write_text(before["config.json"].decode().replace('"seed": 0', '"seed": 5'))
+    again = run(*common, "-b", 50, "--img-size", 16)
+    assert_one_line_error(again, "already holds a run")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # … and what a kill while it was being set aside leaves
+    (out / ".replaced.tmp").mkdir()
+    os.replace(out / "last.safetensors", out / ".replaced.tmp" / "last.safetensors")
+    again = run(*common, "-b", 50, "--img-size", 16)
+    assert_one_line_error(again, "already holds a run")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     # its own checkpoint as SOURCE would be replaced too: refused
     own = run("finetune", out / "last.safetensors", "--data", small_digits, "-o", out, "--overwrite")
@@ -532,9 +572,21 @@ def test_a_users_own_config_json_is_not_taken_for_a_run(small_digits, tmp_path):
     out = tmp_path / "project"
     out.mkdir()
     (out / "config.json").write_text('{"mine": 1}')
-    result = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "-o", out)
-    assert_one_line_error(result, "holds a config.json that is not a retrofit run record")
-    assert (out / "config.json").read_text() == '{"mine": 1}'
+    (out / "metrics.csv").write_text("a,b\n")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        result = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "-o", out, *extra)
+        assert_one_line_error(result, "holds a config.json that retrofit did not write")
+        assert (out / "config.json").read_text() == '{"mine": 1}' and (out / "metrics.csv").read_text() == "a,b\n"
+    (out / "config.json").unlink()  # a lone metrics.csv is no run either
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "-o", out, "--overwrite")
+    assert_one_line_error(result, "holds metrics.csv but no retrofit run")
+    # a folder named .replaced that retrofit did not make is never emptied
+    (out / "metrics.csv").unlink()
+    (out / ".replaced").mkdir()
+    (out / ".replaced" / "mine.txt").write_text("mine")
+    result = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "-o", out, "--overwrite")
+    assert_one_line_error(result, ".replaced is not a folder retrofit made")
+    assert (out / ".replaced" / "mine.txt").read_text() == "mine"
 
 
 def test_a_run_that_finished_no_epoch_can_be_started_again_and_a_tampered_state_is_refused(small_digits, tmp_path):
@@ -544,7 +596,9 @@ def test_a_run_that_finished_no_epoch_can_be_started_again_and_a_tampered_state_
     out = tmp_path / "run"
     out.mkdir()
     # what a run killed during its first epoch leaves: its run record only
-    (out / "config.json").write_text(json.dumps({"config": {"source": "tf_efficientnet_lite0"}, "classes": []}))
+    record = {"config": {"source": "tf_efficientnet_lite0", "data": str(small_digits), "epochs": 2, "seed": 0},
+              "classes": [str(i) for i in range(10)], "versions": {}}
+    (out / "config.json").write_text(json.dumps(record))
     common = ["finetune", "tf_efficientnet_lite0", "--no-pretrained", "--data", small_digits, "--epochs", 2,
               "-b", 50, *DIGIT_AUG, "-o", out]
     resumed = run(*common, "--resume")

@@ -34,10 +34,18 @@ def fail(message: str, code: int = 2) -> None:
     Under torchrun (``WORLD_SIZE`` > 1) every process reports its own error: the line names the
     rank (``error: [rank 1 of 2] …``), so the same message twice reads as what it is.
     """
-    world = os.environ.get("WORLD_SIZE", "1")
-    rank = f"[rank {os.environ.get('RANK', '?')} of {world}] " if world.isdigit() and int(world) > 1 else ""
-    typer.echo(f"error: {rank}{message}", err=True)
+    typer.echo(f"error: {_rank()}{message}", err=True)
     raise typer.Exit(code)
+
+
+def _rank() -> str:
+    """``"[rank 1 of 2] "`` under torchrun (``WORLD_SIZE`` > 1), else ``""``."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {os.environ.get('RANK', '?')} of {world}] " if world.isdigit() and int(world) > 1 else ""
+
+
+#: What Gloo / NCCL say on the ranks that were still running when another rank stopped.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
 
 
 def handle_errors(fn: F) -> F:
@@ -53,7 +61,7 @@ def handle_errors(fn: F) -> F:
             raise
         except KeyboardInterrupt as e:
             # a command may say what was kept (finetune: the last completed epoch)
-            typer.echo(f"error: interrupted{'; ' + str(e) if str(e) else ''}", err=True)
+            typer.echo(f"error: {_rank()}interrupted{'; ' + str(e) if str(e) else ''}", err=True)
             raise typer.Exit(130)
         except RetrofitError as e:
             if _state["debug"]:
@@ -63,6 +71,8 @@ def handle_errors(fn: F) -> F:
             if _state["debug"]:
                 raise
             text = str(e).strip().splitlines()
+            if _rank() and any(p in str(e) for p in _PEER_GONE):
+                fail("another process of the run stopped (its own error line says why)", code=1)
             fail(f"{type(e).__name__}: {text[0] if text else ''} (run with --debug for the traceback)", code=1)
 
     return wrapper  # type: ignore[return-value]

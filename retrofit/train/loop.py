@@ -55,8 +55,10 @@ from .state import STATE_FILE, load_optimizer_state, load_trainer_state, rng_sta
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 LAST, BEST, EMA = "last.safetensors", "best.safetensors", "ema.safetensors"
 RUN_FILES = (LAST, BEST, EMA, STATE_FILE, "metrics.csv", "curves.png", "config.json", "summary.json")
-#: Where --overwrite keeps the run it replaces until the new run's first epoch is written.
+#: Where --overwrite keeps the run it replaces until the new run's first epoch is saved
+#: (``MOVING`` while the files are being moved there).
 REPLACED = ".replaced"
+MOVING = ".replaced.tmp"
 
 
 def _inside(source: str, files: list[Path]) -> bool:
@@ -71,7 +73,9 @@ def _is_run_record(path: Path) -> bool:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and isinstance(record.get("config"), dict) and "source" in record["config"]
+    config = record.get("config") if isinstance(record, dict) else None
+    return (isinstance(config, dict) and {"source", "data", "epochs", "seed"} <= set(config)
+            and isinstance(record.get("classes"), list) and "versions" in record)
 
 
 @dataclass
@@ -177,10 +181,27 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def _check_output(self) -> None:
-        """Refuse to overwrite a previous run unless --overwrite (then cleared once setup succeeds) or --resume."""
+        """Refuse to overwrite a previous run unless --overwrite (then set aside once setup succeeds) or --resume.
+
+        A folder is a run when it holds a run record (``config.json`` written by finetune) or a
+        trainer state; other files are the user's and are never replaced, --overwrite or not.
+        """
         if self.out.exists() and not self.out.is_dir():
             raise RetrofitError(f"--output {self.out} is a file; finetune writes a run folder there")
+        for name in (REPLACED, MOVING):
+            kept = self.out / name
+            if kept.exists() and not (kept.is_dir() and all(f.name in RUN_FILES for f in kept.iterdir())):
+                raise RetrofitError(f"{kept} is not a folder retrofit made; move it, or choose another --output")
+        if self.d.is_main:
+            self._recover_replaced()
+        distributed.barrier(self.d)
         previous = [name for name in RUN_FILES if (self.out / name).exists()]
+        record = self.out / "config.json"
+        if record.exists() and not _is_run_record(record):
+            raise RetrofitError(f"{self.out} holds a config.json that retrofit did not write; choose another --output")
+        if previous and not record.exists() and not (self.out / STATE_FILE).exists():
+            raise RetrofitError(f"{self.out} holds {', '.join(previous[:3])} but no retrofit run (no run record "
+                                "config.json); choose another --output")
         if self.config.resume:
             if not (self.out / STATE_FILE).is_file():
                 started = " (a run started there but finished no epoch)" if previous == ["config.json"] else ""
@@ -188,12 +209,7 @@ class Trainer:
                     f"nothing to resume in {self.out}: no {STATE_FILE} there{started}; start without --resume"
                 )
         elif previous == ["config.json"]:
-            # a run that stopped before its first epoch ended: nothing to keep, start it again;
-            # but a config.json that is not a run record is the user's, and stays
-            if not _is_run_record(self.out / "config.json"):
-                raise RetrofitError(
-                    f"{self.out} holds a config.json that is not a retrofit run record; choose another --output"
-                )
+            pass  # a run that stopped before its first epoch was saved: nothing to keep, start it again
         elif previous and _inside(self.config.source, [self.out / name for name in previous]):
             raise RetrofitError(
                 f"SOURCE {self.config.source} is a file of the run in {self.out}, which --overwrite would replace; "
@@ -209,39 +225,56 @@ class Trainer:
     def _clear_output(self) -> None:
         """After a successful setup: remove temporary files of killed writes and, with --overwrite, set the old run aside.
 
-        The old run's files move to ``OUTPUT/.replaced/``, and are deleted only once the new run's
-        first epoch is written (:meth:`_drop_replaced`); a failure before that puts them back
-        (:meth:`_restore_replaced`), so an --overwrite that fails loses nothing. A folder left by a
-        killed attempt keeps its ``.replaced`` until a run gets through its first epoch.
+        The old run's files move to ``OUTPUT/.replaced/`` (through ``.replaced.tmp/``, renamed when
+        complete) and are deleted once the new run's first epoch is saved (:meth:`_drop_replaced`).
+        A failure before that puts them back (:meth:`_restore_replaced`); so does the next
+        finetune command in that folder after a kill (:meth:`_recover_replaced`). An --overwrite
+        that does not get through an epoch loses nothing.
         """
         distributed.barrier(self.d)
         if self.d.is_main:
             for name in RUN_FILES:
                 for stale in self.out.glob(f".{name}.*.tmp"):  # left by a killed atomic write
                     stale.unlink(missing_ok=True)
-            aside = self.out / REPLACED
-            if self.config.overwrite and self.previous and not aside.is_dir():
-                aside.mkdir()
+            if self.config.overwrite and self.previous:
+                moving = self.out / MOVING
+                moving.mkdir()
                 for name in self.previous:
-                    os.replace(self.out / name, aside / name)
+                    os.replace(self.out / name, moving / name)
+                os.replace(moving, self.out / REPLACED)
         distributed.barrier(self.d)
 
     def _drop_replaced(self) -> None:
-        """The new run has an epoch on disk: the run it replaced can go."""
+        """The new run has an epoch saved: the run it replaced can go."""
         aside = self.out / REPLACED
         if self.d.is_main and aside.is_dir():
             shutil.rmtree(aside, ignore_errors=True)
 
-    def _restore_replaced(self) -> None:
-        """A run that failed before writing an epoch: put the run it was replacing back."""
-        aside = self.out / REPLACED
-        if not self.d.is_main or not aside.is_dir() or self.saved_epoch:
-            return
-        if not (aside / "config.json").exists():
-            (self.out / "config.json").unlink(missing_ok=True)  # this run's record; the old run had none
-        for f in aside.iterdir():
+    def _put_back(self, folder: Path, *, new_files: bool) -> None:
+        if new_files:  # what the new run wrote before any epoch was saved: its run record
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+        for f in folder.iterdir():
             os.replace(f, self.out / f.name)
-        aside.rmdir()
+        folder.rmdir()
+
+    def _restore_replaced(self) -> None:
+        """This run failed before saving an epoch: put the run it was replacing back."""
+        aside = self.out / REPLACED
+        if self.d.is_main and aside.is_dir() and not self.saved_epoch:
+            self._put_back(aside, new_files=True)
+
+    def _recover_replaced(self) -> None:
+        """What a killed --overwrite left: the old run comes back unless the new one had saved an epoch."""
+        if (self.out / MOVING).is_dir():  # killed while setting the old run aside: every file is the old run's
+            self._put_back(self.out / MOVING, new_files=False)
+        aside = self.out / REPLACED
+        if aside.is_dir():
+            if (self.out / STATE_FILE).exists():  # the overwriting run saved an epoch: it did replace the old one
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                self._put_back(aside, new_files=True)
+                self._say(f"put back the run that an interrupted --overwrite was replacing in {self.out}")
 
     def _build(self) -> None:
         cfg, d = self.config, self.d
@@ -306,11 +339,14 @@ class Trainer:
             return  # no record to check against; the class count is still checked
         now = list(self.splits.classes)
         if isinstance(saved, list) and saved != now:
-            gone, new = [c for c in saved if c not in now], [c for c in now if c not in saved]
-            what = (f"{', '.join(map(str, gone[:3]))} → {', '.join(map(str, new[:3]))}" if gone or new
-                    else "same names, other order")
-            raise RetrofitError(f"the data's classes differ from the run being resumed ({what}); resume with the "
-                                "same classes, or start a new run in another --output")
+            def shown(names: list[Any]) -> str:
+                return ", ".join(map(str, names[:5])) + (f", … ({len(names)})" if len(names) > 5 else "")
+
+            missing, new = [c for c in saved if c not in now], [c for c in now if c not in saved]
+            what = "; ".join([f"missing: {shown(missing)}"] * bool(missing) + [f"new: {shown(new)}"] * bool(new))
+            raise RetrofitError(f"the data's classes differ from those of the run being resumed "
+                                f"({what or 'the same names in another order'}); resume with the same classes, "
+                                "or start a new run in another --output")
 
     def prepare(self, model: nn.Module, batches_per_epoch: int) -> None:
         """Put ``model`` on the device and build optimizer, schedule, loss and EMA for it.
@@ -692,6 +728,7 @@ class Trainer:
             self._drop_replaced()
             self._write_outputs()
         distributed.barrier(d)
+        self.saved_epoch = self.epoch  # the other ranks learn it here
         self._say(self._epoch_line(row, improved is not None))
 
     def _rank_digests(self) -> list[str]:
