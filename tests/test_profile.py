@@ -320,7 +320,8 @@ def test_table_report_names_latency_device_and_threads():
 def test_no_pretrained_with_a_checkpoint_is_refused(se_checkpoint):
     result = runner.invoke(app, ["report", "params-flops", str(se_checkpoint), "--no-pretrained"])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: --no-pretrained applies to a model name; a checkpoint holds its own weights"
+    assert result.output.strip() == (f"error: --no-pretrained applies to a model name; {se_checkpoint} is a checkpoint, "
+                                     "which holds its own weights")
 
 
 @pytest.mark.parametrize(

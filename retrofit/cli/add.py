@@ -79,8 +79,7 @@ def run_add(
     block_class(block)  # an unknown block, placement or init fails before the output is looked at
     check_placement_and_init(placement, init)
     check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups)
-    if weights is not None and no_pretrained:
-        fail("--weights and --no-pretrained exclude each other")
+    check_weight_flags(model, weights, no_pretrained, name="MODEL")
     if weights is not None:
         from ..models import check_weights_path
 
@@ -133,6 +132,19 @@ def run_add(
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_add(report)
+
+
+def check_weight_flags(target: str, weights: Optional[Path], no_pretrained: bool, flag: str = "--weights",
+                       name: str = "TARGET") -> None:
+    """One-line errors for weight options that cannot apply to ``target`` (a checkpoint holds its own)."""
+    from ..checkpoint import is_checkpoint
+
+    if weights is not None and no_pretrained:
+        fail(f"{flag} and --no-pretrained exclude each other")
+    if is_checkpoint(target) and weights is not None:
+        fail(f"{flag} applies to {name} when it is a model name; {target} is a checkpoint")
+    if is_checkpoint(target) and no_pretrained:
+        fail(f"--no-pretrained applies to a model name; {target} is a checkpoint, which holds its own weights")
 
 
 def check_block_options(block: str, *, reduction: Any, kernel_size: Any, groups: Any) -> None:

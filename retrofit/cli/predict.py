@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .add import JsonOpt, NoPretrainedOpt, WeightsOpt
+from .add import JsonOpt, NoPretrainedOpt, WeightsOpt, check_weight_flags
 from .app import app, fail, handle_errors
 
 
@@ -26,7 +26,7 @@ def predict(
     from ..checkpoint import load_target
     from ..predict import predict as run
 
-    _check_weight_flags(target, weights, no_pretrained, "--weights", "TARGET")
+    check_weight_flags(target, weights, no_pretrained, "--weights", "TARGET")
     model = load_target(target, pretrained=not no_pretrained, weights=weights)
     results = run(model, [str(p) for p in images], top=top)
     if as_json:
@@ -64,8 +64,8 @@ def compare(
     from ..predict import class_names
     from ..predict import predict as run
 
-    _check_weight_flags(base, weights, False, "--weights", "BASE")
-    _check_weight_flags(other, other_weights, False, "--other-weights", "OTHER")
+    check_weight_flags(base, weights, False, "--weights", "BASE")
+    check_weight_flags(other, other_weights, False, "--other-weights", "OTHER")
     if no_pretrained and (weights is not None or other_weights is not None):
         fail(f"{'--weights' if weights is not None else '--other-weights'} and --no-pretrained exclude each other")
     if no_pretrained and is_checkpoint(base) and is_checkpoint(other):
@@ -103,14 +103,3 @@ def compare(
                       "yes" if r["same_top_k"] else "NO", f"{r['max_abs_logit_diff']:.2e}")
     Console().print(table)
 
-
-def _check_weight_flags(target: str, weights: Optional[Path], no_pretrained: bool, flag: str, name: str) -> None:
-    """One-line errors for weight options that cannot apply to ``target`` (a checkpoint holds its own)."""
-    from ..checkpoint import is_checkpoint
-
-    if weights is not None and no_pretrained:
-        fail(f"{flag} and --no-pretrained exclude each other")
-    if is_checkpoint(target) and weights is not None:
-        fail(f"{flag} applies to {name} when it is a model name; {target} is a checkpoint")
-    if is_checkpoint(target) and no_pretrained:
-        fail(f"--no-pretrained applies to a model name; {target} is a checkpoint")

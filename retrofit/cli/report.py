@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .add import NoPretrainedOpt, WeightsOpt
+from .add import NoPretrainedOpt, WeightsOpt, check_weight_flags
 from .app import app, fail, handle_errors, parse_input_size
 
 report_app = typer.Typer(help="Reports on a model or a retrofit checkpoint.", no_args_is_help=True)
@@ -70,16 +70,13 @@ def params_flops(
     """
     if sum((as_json, as_markdown, as_csv)) > 1:
         fail("choose one of --json, --markdown, --csv")
-    if weights is not None and no_pretrained:
-        fail("--weights and --no-pretrained exclude each other")
+    check_weight_flags(target, weights, no_pretrained)
     size = parse_input_size(input_size)  # three positive integers within retrofit.limits
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
 
     from ..checkpoint import is_checkpoint
 
-    if no_pretrained and is_checkpoint(target):
-        fail("--no-pretrained applies to a model name; a checkpoint holds its own weights")
     if per_site and not is_checkpoint(target):
         fail(f"--per-site needs a retrofit checkpoint (.safetensors); {target} has no inserted blocks "
              f"(`retrofit sites {target}` lists its residual sites)")
@@ -278,8 +275,9 @@ def _print_rich(data: dict[str, Any], per_site: bool) -> None:
         sites.add_section()
         sites.add_row(*rows[-1])
         console.print(sites)
-        if _replaced_note(data):
-            console.print(_replaced_note(data), markup=False)
+        replaced = _replaced_note(data)
+        if replaced:
+            console.print(replaced, markup=False)
     note = _uncounted(data)
     if note:
         console.print(note, markup=False)
