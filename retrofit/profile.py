@@ -725,13 +725,11 @@ def profile_target(
     from .checkpoint import is_checkpoint, load_target, read_recipe
     from .models import ModelSpec, build
 
-    if input_size is not None:
-        _check_size(input_size, batch_size)  # before any loading
+    size = _check_size(input_size, batch_size) if input_size is not None else None  # before any loading
     model = load_target(target, pretrained=pretrained, weights=weights)
-    if input_size is None:
+    if size is None:
         trained = (getattr(model, "retrofit_data_config", None) or {}).get("input_size")
-        input_size = tuple(int(v) for v in trained) if trained else (3, 224, 224)
-    size = _check_size(input_size, batch_size)
+        size = _check_size(tuple(int(v) for v in trained) if trained else (3, 224, 224), batch_size)
     if not is_checkpoint(target):
         return TargetReport(str(target), "model", str(target), profile(model, size, batch_size, latency=latency))
     source = read_recipe(target).source

@@ -31,10 +31,6 @@ def max_workers() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
-#: Largest --img-size (the limit --input-size has elsewhere): beyond it one image alone fills memory.
-MAX_IMG_SIZE = MAX_IMAGE_SIDE
-
-
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything that decides a fine-tuning run.
@@ -133,8 +129,8 @@ class FinetuneConfig:
             (self.accum_steps >= 1, f"--accum-steps must be ≥ 1, got {self.accum_steps}"),
             (self.clip_grad is None or _positive(self.clip_grad), f"--clip-grad must be positive, got {self.clip_grad}"),
             (_finite(self.ema_decay) and 0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
-            (self.img_size is None or 8 <= self.img_size <= MAX_IMG_SIZE,
-             f"--img-size must be between 8 and {MAX_IMG_SIZE} pixels, got {self.img_size}"),
+            (self.img_size is None or 8 <= self.img_size <= MAX_IMAGE_SIDE,
+             f"--img-size must be between 8 and {MAX_IMAGE_SIDE} pixels, got {self.img_size}"),
             (_finite(self.hflip) and 0 <= self.hflip <= 1, f"--hflip must be a probability, got {self.hflip}"),
             (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
              f"--scale takes MIN,MAX with 0 < MIN ≤ MAX ≤ 1, got {','.join(map(str, self.scale))}"),
