@@ -540,7 +540,7 @@ def test_an_overwrite_that_fails_before_its_first_epoch_puts_the_old_run_back(sm
     assert {"last.safetensors", "trainer_state.safetensors", "config.json", "metrics.csv"} <= set(before)
     # fails at its first step (batch 1 with 1×1 maps): the run it was replacing comes back whole
     failed = run(*common, "-b", 1, "--img-size", 8, "--overwrite")
-    assert_one_line_error(failed, "--batch-size 1 at --img-size 8")
+    assert_one_line_error(failed, "--batch-size 1 at --img-size 8", f"; the run it was replacing is back in {out}")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     # what a SIGKILL during an --overwrite leaves (old run set aside, the new run's record only):
     # the next command in that folder puts the old run back, whatever its flags

@@ -258,11 +258,13 @@ class Trainer:
             os.replace(f, self.out / f.name)
         folder.rmdir()
 
-    def _restore_replaced(self) -> None:
-        """This run failed before saving an epoch: put the run it was replacing back."""
+    def _restore_replaced(self) -> bool:
+        """This run failed before saving an epoch: put the run it was replacing back (True when it did)."""
         aside = self.out / REPLACED
         if self.d.is_main and aside.is_dir() and not self.saved_epoch:
             self._put_back(aside, new_files=True)
+            return True
+        return False
 
     def _recover_replaced(self) -> None:
         """What a killed --overwrite left: the old run comes back unless the new one had saved an epoch."""
@@ -633,6 +635,10 @@ class Trainer:
         self._clear_output()
         try:
             return self._run(started)
+        except (KeyboardInterrupt, RetrofitError) as e:
+            if not self._restore_replaced():
+                raise
+            raise type(e)(f"{e}; the run it was replacing is back in {self.out}") from None
         except BaseException:
             self._restore_replaced()
             raise
