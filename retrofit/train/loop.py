@@ -396,7 +396,7 @@ class Trainer:
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
 
         self.epoch, self.updates = 0, 0
-        self.saved_epoch = 0  # the epoch last.safetensors holds (written in full)
+        self.saved_epoch = 0  # the last epoch whose trainer state is written: --resume continues from it
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": 0, "top1": -1.0, "weights": "model"}
         self.frozen: bool | None = None
@@ -635,12 +635,9 @@ class Trainer:
         self._clear_output()
         try:
             return self._run(started)
-        except (KeyboardInterrupt, RetrofitError) as e:
-            if not self._restore_replaced():
-                raise
-            raise type(e)(f"{e}; the run it was replacing is back in {self.out}") from None
-        except BaseException:
-            self._restore_replaced()
+        except BaseException as e:
+            if self._restore_replaced() and isinstance(e, (KeyboardInterrupt, RetrofitError)):
+                raise type(e)(f"{e}; the run it was replacing is back in {self.out}") from None
             raise
 
     def _run(self, started: float) -> FinetuneResult:
