@@ -90,8 +90,10 @@ class SqueezeExcite(ChannelGate):
     """Squeeze-and-Excitation (Hu et al., arXiv 1709.01507, §3): FC C→C/r, ReLU, FC C/r→C, sigmoid.
 
     The FCs are 1×1 convolutions with bias, as in timm's ``SEModule`` (same keys and shapes).
-    Parameters added: ``2·C·rd + rd + C`` with ``rd = max(1, C // r)`` (a site narrower than r
-    gets a hidden width of 1).
+    Parameters added: ``2·C·rd + rd + C``. The hidden width ``rd`` follows timm's ``SEModule``
+    by default (:func:`se_hidden_width`: C/r rounded to a multiple of 8, at least 8), so a
+    narrow site never gets a single hidden unit that, once dead for a batch, stops both FCs
+    from learning; ``rd_divisor=1`` gives the paper's exact ``C // r`` (at least 1).
 
     Args:
         channels: C, channels of the feature map it gates.
@@ -99,7 +101,7 @@ class SqueezeExcite(ChannelGate):
         init: ``"identity"`` (fc2 zeroed, gate 2·sigmoid) or ``"paper"``.
     """
 
-    OPTIONS = ("reduction",)
+    OPTIONS = ("reduction", "rd_divisor")
 
     def __init__(self, channels: int, rd_channels: int, init: str = "identity"):
         super().__init__(channels, init)
@@ -115,14 +117,29 @@ class SqueezeExcite(ChannelGate):
         return self.fc2(self.act(self.fc1(s)))
 
     @classmethod
-    def resolve(cls, channels: int, *, reduction: int = 16, **_: Any) -> dict[str, Any]:
+    def resolve(cls, channels: int, *, reduction: int = 16, rd_divisor: int = 8, **_: Any) -> dict[str, Any]:
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise RetrofitError(f"SE reduction ratio must be a positive integer, got {reduction}")
-        return {"rd_channels": max(1, channels // reduction), "reduction": reduction}
+        if isinstance(rd_divisor, bool) or not isinstance(rd_divisor, int) or rd_divisor < 1:
+            raise RetrofitError(f"SE hidden-width divisor must be a positive integer, got {rd_divisor}")
+        rd = se_hidden_width(channels, reduction, rd_divisor)
+        return {"rd_channels": rd, "reduction": reduction, "rd_divisor": rd_divisor}
 
     @staticmethod
     def describe(kwargs: dict[str, Any]) -> str:
         return f"r={kwargs['reduction']} ({kwargs['rd_channels']})"
+
+
+def se_hidden_width(channels: int, reduction: int, divisor: int = 8) -> int:
+    """SE's hidden width for C channels and reduction ratio r.
+
+    ``divisor`` 1: the paper's ``C // r`` (arXiv 1709.01507, §3.2), at least 1. Otherwise timm's
+    ``make_divisible(C / r, divisor, round_limit=0)`` as ``SEModule`` uses it: C/r rounded to the
+    nearest multiple of ``divisor``, at least ``divisor`` (C=64, r=16 → 8; C=256 → 16; C=2048 → 128).
+    """
+    if divisor == 1:
+        return max(1, channels // reduction)
+    return max(divisor, int(channels / reduction + divisor / 2) // divisor * divisor)
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
@@ -223,7 +240,9 @@ class SEVar3(ChannelGate):
 class SEGroupConv(ChannelGate):
     """SE-GC (ECA paper, Table 2): one grouped FC C→C with G groups, no bias. C²/G parameters.
 
-    ``groups`` defaults to 16 (the paper's SE-GC1); it must divide C.
+    ``groups`` must divide C. Resolved per site from the user's ``--groups`` (default 16, the
+    paper's SE-GC1): the largest divisor of C not above it, so a site whose C is not a multiple
+    of 16 still gets a grouped FC (C=24 → 12 groups).
     """
 
     OPTIONS = ("groups",)
@@ -241,9 +260,12 @@ class SEGroupConv(ChannelGate):
     @classmethod
     def resolve(cls, channels: int, *, groups: int | None = None, **_: Any) -> dict[str, Any]:
         groups = 16 if groups is None else groups
-        if not isinstance(groups, int) or groups < 1 or channels % groups:
-            raise RetrofitError(f"se-gc groups must be a positive divisor of C; got {groups} for C={channels}")
-        return {"groups": groups}
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise RetrofitError(f"se-gc groups must be a positive integer, got {groups}")
+        fitted = max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
+        if groups > 1 and fitted == 1:
+            raise RetrofitError(f"se-gc: C={channels} has no divisor between 2 and {groups}, so it cannot be grouped")
+        return {"groups": fitted}
 
     @staticmethod
     def describe(kwargs: dict[str, Any]) -> str:
@@ -272,5 +294,5 @@ def block_class(name: str) -> type[ChannelGate]:
 def create_block(name: str, channels: int, init: str = "identity", **kwargs: Any) -> ChannelGate:
     """Build block ``name`` for ``channels`` from resolved kwargs (see ``ChannelGate.resolve``)."""
     cls = block_class(name)
-    ctor = {k: v for k, v in kwargs.items() if k != "reduction"}
+    ctor = {k: v for k, v in kwargs.items() if k not in ("reduction", "rd_divisor")}
     return cls(channels, init=init, **ctor)

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import RetrofitError
 from .models import SOURCE_MARK, ModelSpec, build, load_state_dict_strict
 from .recipe import Recipe, recipe_of
+from .verify import check_rebuild
 from .surgery import MODEL_MARK, Retrofit, apply_plan
 from .graph import find_sites
 
@@ -115,20 +116,26 @@ def save_checkpoint(
 ) -> Path:
     """Save ``model``'s state dict and recipe to ``path`` (``.safetensors``), atomically.
 
+    Before the first write of a recipe, the model is rebuilt from it and compared (keys,
+    shapes, eval outputs on a probe, dropout / drop-path rates; see :mod:`retrofit.verify`):
+    a checkpoint never reloads as a different model.
+
     Args:
-        model: a model from :func:`retrofit.load_model`, retrofitted or not (a timm model
-            made otherwise is named from its ``pretrained_cfg``).
+        model: a model from :func:`retrofit.load_model`, retrofitted or not, or one built by
+            timm or a torchvision builder (named by :func:`retrofit.source.model_source`).
         path: target file.
         overwrite: when False, an existing ``path`` is an error.
         extra: JSON-ready data stored in the recipe's ``extra`` (e.g. fine-tuning settings).
 
     Returns: the path written. Raises :class:`RetrofitError` if it exists and ``overwrite`` is False,
-    or when the model's architecture cannot be named.
+    when the model's architecture cannot be named, or when the recipe does not rebuild it
+    (nothing is written then).
     """
     from safetensors.torch import save
 
     path = check_writable(path, overwrite)
     recipe = recipe_of(model, extra)
+    check_rebuild(model, recipe)
     tensors = _contiguous_unshared(model.state_dict())
     recipe_json = recipe.to_json()
     metadata = {RECIPE_KEY: recipe_json, DIGEST_KEY: tensors_digest(tensors, recipe_json)}

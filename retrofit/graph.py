@@ -67,7 +67,8 @@ class Site:
         projection: whether the shortcut has ops (e.g. ``downsample``) or is the identity.
         channels: C of the addition, ``(N, C, H, W)``.
         in_channels: C at the unit's input (what a ``pre`` gate sees); ``in_height``/``in_width``
-            its H×W.
+            its H×W; ``unit_input_is_map`` is False when that input is not one tensor (HRNet's
+            fuse layers add branches of a list), so the ``pre`` placement cannot gate it.
         height, width: H×W of the addition, at the model's default input size.
         stage: timm's stage index (the ``feature_info`` entry at this site's stride) when the
             model has one for every site, else the stride level: stride 4 → 1 … 32 → 4. Both
@@ -93,6 +94,7 @@ class Site:
     fixed_args: tuple[tuple[str, Any], ...] = ()
     in_height: int = 0
     in_width: int = 0
+    unit_input_is_map: bool = True
 
 
 @dataclass(frozen=True)
@@ -169,18 +171,18 @@ def _timm_notrace_modules() -> tuple[type, ...]:
 
 @contextmanager
 def preserved_attributes(module: nn.Module) -> Iterator[None]:
-    """Undo what tracing adds to a module (fx stores tensor constants as ``_tensor_constantN``)."""
-    before = (set(module.__dict__), set(module._buffers), set(module._parameters), set(module._modules))
-    training = module.training
+    """Undo what tracing does to a module's attributes: fx stores tensor constants as
+    ``_tensor_constantN``, and code that caches on first call keeps proxies in attributes
+    (torchvision's ``MultiScaleRoIAlign`` sets ``self.scales``): every entry of ``__dict__``,
+    ``_buffers``, ``_parameters`` and ``_modules`` is put back as it was, new ones removed."""
+    stores = (module.__dict__, module._buffers, module._parameters, module._modules)
+    before = [dict(store) for store in stores]
     try:
         yield
     finally:
-        module.training = training
-        for store, keys in zip(
-            (module.__dict__, module._buffers, module._parameters, module._modules), before
-        ):
-            for key in set(store) - keys:
-                del store[key]
+        for store, saved in zip(stores, before):
+            store.clear()
+            store.update(saved)
 
 
 def trace_owner(
@@ -330,14 +332,17 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]
 
 
 @contextmanager
-def inspection_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and ``no_grad`` for a look inside; every module's mode and every buffer restored."""
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Every module's mode and every buffer's value restored on exit.
+
+    Tracing executes Python: a child traced in train mode runs real code on real buffers (timm's
+    ``BatchNormAct2d`` adds 1 to ``num_batches_tracked`` while being traced), so discovery and
+    insertion run inside this guard.
+    """
     modes = {m: m.training for m in model.modules()}
     buffers = {id(b): (b, b.detach().clone()) for b in model.buffers()}
     try:
-        model.eval()
-        with torch.no_grad():
-            yield
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -346,11 +351,44 @@ def inspection_mode(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved)
 
 
+@contextmanager
+def inspection_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and ``no_grad`` for a look inside; every module's mode and every buffer restored."""
+    with preserved_state(model):
+        model.eval()
+        with torch.no_grad():
+            yield
+
+
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """``(C, H, W)`` the model expects: timm's ``pretrained_cfg['input_size']``, else (3, 224, 224)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     return tuple(size) if size else (3, 224, 224)
+
+
+def takes_image_list(model: nn.Module) -> bool:
+    """Whether ``model`` takes a list of ``(C, H, W)`` images rather than one ``(N, C, H, W)`` batch.
+
+    torchvision's detection models (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS, SSD, SSDlite)
+    resize and batch their inputs themselves with a ``GeneralizedRCNNTransform`` at ``.transform``.
+    """
+    return type(getattr(model, "transform", None)).__name__ == "GeneralizedRCNNTransform"
+
+
+def probe_input(
+    model: nn.Module, input_size: Sequence[int], batch: int = PROBE_BATCH, seed: int = 0
+) -> torch.Tensor | list[torch.Tensor]:
+    """A seeded random input of the kind ``model`` takes, on its device and in its dtype.
+
+    ``(batch, C, H, W)``, or for a detector (see :func:`takes_image_list`) a list of ``batch``
+    images ``(C, H, W)``.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    return list(x) if takes_image_list(model) else x
 
 
 def _capture_inputs(
@@ -367,10 +405,7 @@ def _capture_inputs(
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        x = torch.randn(PROBE_BATCH, *input_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        x = probe_input(model, input_size)
         try:
             model(x)
         except Exception as e:
@@ -424,8 +459,9 @@ def _copied(value: Any, tensors: bool = True) -> Any:
     return value
 
 
-def _same_output(expected: Any, got: Any) -> bool:
-    """Whether two module outputs agree (tensors within 1e-5 of the expected's scale)."""
+def same_output(expected: Any, got: Any) -> bool:
+    """Whether two module outputs agree: same structure (tensors, lists, tuples, dicts), integer
+    tensors equal, floating ones within 1e-5 of the expected's scale, NaNs in the same places."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
             return False
@@ -439,13 +475,13 @@ def _same_output(expected: Any, got: Any) -> bool:
         return a.numel() == 0 or (a - b).abs().max().item() <= 1e-5 * scale
     if isinstance(expected, dict):
         return isinstance(got, dict) and expected.keys() == got.keys() and all(
-            _same_output(expected[k], got[k]) for k in expected
+            same_output(expected[k], got[k]) for k in expected
         )
     if isinstance(expected, (list, tuple)):
         return (
             isinstance(got, (list, tuple))
             and len(expected) == len(got)
-            and all(_same_output(e, g) for e, g in zip(expected, got))
+            and all(same_output(e, g) for e, g in zip(expected, got))
         )
     try:
         return bool(expected == got)
@@ -527,6 +563,16 @@ def _stages(model: nn.Module, strides: list[int]) -> list[int]:
     return [max(0, s.bit_length() - 2) for s in strides]
 
 
+def _other_forward_paths(model: nn.Module) -> list[str]:
+    """The root's public methods besides ``forward`` that compute features (timm's
+    ``forward_features``, ``forward_head``, ``forward_intermediates``).
+
+    A site in the root's own code would be gated only in ``forward`` (the rewritten method),
+    so such a model's root-owned additions (HRNet's ``incre_modules`` sum) are not offered.
+    """
+    return [name for name in dir(type(model)) if name.startswith("forward_") and callable(getattr(type(model), name))]
+
+
 def find_sites(
     model: nn.Module, input_size: tuple[int, int, int] | None = None
 ) -> tuple[list[Site], list[TraceFailure]]:
@@ -542,7 +588,11 @@ def find_sites(
     Raises:
         RetrofitError: when the dummy forward pass fails.
     """
-    input_size = tuple(input_size or default_input_size(model))
+    with preserved_state(model):
+        return _find_sites(model, tuple(input_size or default_input_size(model)))
+
+
+def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[list[Site], list[TraceFailure]]:
     # Modules with an addition in their own graph, and modules whose plain trace failed (it may
     # succeed once their None/bool arguments are fixed, which the probe call tells).
     graphs: dict[str, fx.GraphModule | None] = {}
@@ -571,6 +621,8 @@ def find_sites(
             def fail(reason: str, path: str = path, module: nn.Module = module) -> None:
                 failures.append(TraceFailure(path, type(module).__name__, reason))
 
+            if path == "" and _other_forward_paths(model):
+                continue  # gated in forward() only, the root's forward_features()/… would skip it
             if path not in captured:  # not on the forward path (e.g. an unused auxiliary head)
                 if path in untraced:
                     fail(untraced[path])
@@ -601,7 +653,7 @@ def find_sites(
                 continue
             # A graph that does not compute what the module computes (Python-side state, a
             # child that mutates an argument the owner reads again) must never be rewritten.
-            if not _same_output(module(*_copied(args), **_copied(kwargs)), output):
+            if not same_output(module(*_copied(args), **_copied(kwargs)), output):
                 fail("its traced graph does not reproduce its output (Python-side state or in-place argument updates)")
                 continue
             shapes = recorder.shapes
@@ -638,6 +690,7 @@ def find_sites(
                         fixed_args=tuple(fixed.items()),
                         in_height=int(in_shape[2]) if in_shape is not None and len(in_shape) == 4 else int(sa[2]),
                         in_width=int(in_shape[3]) if in_shape is not None and len(in_shape) == 4 else int(sa[3]),
+                        unit_input_is_map=in_shape is not None,
                     )
                 )
     stages = _stages(model, [s.stage for s in sites])

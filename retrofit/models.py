@@ -101,11 +101,16 @@ def build(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
         from torchvision.models import get_model
 
         weights = "DEFAULT" if pretrained else None
+        kwargs = dict(spec.kwargs)
+        if _takes_backbone_weights(spec.arch):
+            # detection/segmentation builders fetch ImageNet backbone weights by default even with
+            # weights=None; the detector's own weights (or none) are what was asked for
+            kwargs.setdefault("weights_backbone", None)
         with warnings.catch_warnings():
             # googlenet / inception_v3 announce a future change of their default init: noise
             # around every command (the weights are loaded or the init is the documented one).
             warnings.filterwarnings("ignore", message="The default weight initialization", category=FutureWarning)
-            return get_model(spec.arch, weights=weights, **spec.kwargs)
+            return get_model(spec.arch, weights=weights, **kwargs)
     import timm
 
     if spec.name.startswith(HF_HUB_PREFIX) and not pretrained:
@@ -123,6 +128,15 @@ def build(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
                 + _hf_instead(spec.name)
             ) from e
     return timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
+
+
+def _takes_backbone_weights(arch: str) -> bool:
+    """Whether torchvision's builder ``arch`` has a ``weights_backbone`` argument (detection, segmentation)."""
+    import inspect
+
+    from torchvision.models import get_model_builder
+
+    return "weights_backbone" in inspect.signature(get_model_builder(arch)).parameters
 
 
 def _hub_reachable(host: str) -> bool:
@@ -336,7 +350,10 @@ def load_model(
     Args:
         name: timm name (with optional tag), ``torchvision:NAME`` or ``hf-hub:ORG/NAME``.
         pretrained: fetch the zoo's weights (ignored when ``weights`` is given).
-        weights: a local weights file, loaded strictly (see :func:`read_state_dict`).
+        weights: a local weights file, loaded strictly (see :func:`read_state_dict`). When its
+            classifier has another class count than the architecture's default (a model
+            fine-tuned to N classes), the model is built with ``num_classes=N`` read from the
+            file, unless ``num_classes`` is given.
         kwargs: constructor kwargs (e.g. ``num_classes``), recorded in the spec.
 
     Returns:
@@ -351,7 +368,19 @@ def load_model(
     if weights is not None:
         state = read_state_dict(weights)
         model = build(spec)
-        load_state_dict_strict(model, state, f"weights file {Path(weights).name}")
+        source = f"weights file {Path(weights).name}"
+        try:
+            load_state_dict_strict(model, state, source)
+        except RetrofitError:
+            # a classifier fine-tuned to N classes: build the head the file has (unless asked otherwise)
+            from .source import head_kwargs
+
+            head = None if "num_classes" in kwargs else head_kwargs(spec, {k: tuple(v.shape) for k, v in state.items()})
+            if not head:
+                raise
+            spec = ModelSpec(spec.name, spec.zoo, {**spec.kwargs, **head})
+            model = build(spec)
+            load_state_dict_strict(model, state, source)
         origin = f"file:{Path(weights).name}"
     elif pretrained:
         model = _load_pretrained(spec)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .errors import RetrofitError
-from .models import SOURCE_MARK
+from .source import model_source
 from .surgery import MODEL_MARK
 
 FORMAT = "retrofit.recipe/1"
@@ -70,24 +70,6 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     return {"retrofit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}
-
-
-def model_source(model: nn.Module) -> dict[str, Any]:
-    """The model's source record: set by ``load_model``, else inferred from timm's ``pretrained_cfg``.
-
-    Raises :class:`RetrofitError` when the architecture cannot be named.
-    """
-    source = getattr(model, SOURCE_MARK, None)
-    if source is not None:
-        return dict(source)
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        kwargs = {"num_classes": int(getattr(model, "num_classes", cfg.get("num_classes", 1000)))}
-        return {"model": cfg["architecture"], "zoo": "timm", "kwargs": kwargs, "weights": "unknown"}
-    raise RetrofitError(
-        f"cannot tell which architecture this {type(model).__name__} is; load it with "
-        "retrofit.load_model(name) so the checkpoint can name its source"
-    )
 
 
 def recipe_of(model: nn.Module, extra: dict[str, Any] | None = None) -> Recipe:

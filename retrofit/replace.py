@@ -77,6 +77,7 @@ def replace_existing_se(
     *,
     init: str = "identity",
     reduction: int = 16,
+    rd_divisor: int = 8,
     kernel_size: int | None = None,
     groups: int | None = None,
     planned: list[tuple[str, int, dict[str, Any]]] | None = None,
@@ -102,7 +103,7 @@ def replace_existing_se(
         if isinstance(kernel_size, (list, tuple)):
             raise RetrofitError("--replace-existing takes one --kernel-size, not one per stage")
         planned = [
-            (path, c, cls.resolve(c, reduction=reduction, kernel_size=kernel_size, groups=groups))
+            (path, c, cls.resolve(c, reduction=reduction, rd_divisor=rd_divisor, kernel_size=kernel_size, groups=groups))
             for path, _, c in existing
         ]
     new_blocks = [create_block(block, c, init=init, **options) for _, c, options in planned]

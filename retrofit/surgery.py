@@ -2,8 +2,9 @@
 
 For each owner (e.g. ``layer1.0``), its shallow fx graph (see :mod:`retrofit.graph`) gets one
 ``call_module`` node per site, the block is registered as a child of the owner (keys
-``<owner>.<block>.…``, e.g. ``layer1.0.eca.conv.weight``), and the regenerated code is bound as
-that instance's ``forward``. So the model keeps its class and methods (``forward_features``,
+``<owner>.<block>.…``, e.g. ``layer1.0.eca.conv.weight``), and the regenerated code becomes
+that instance's ``forward`` (a :class:`~retrofit.forward.RewrittenForward`, which survives
+pickle, ``torch.save(model)``, spawn and deep copies). So the model keeps its class and methods (``forward_features``,
 ``reset_classifier``, ``pretrained_cfg`` of a timm model), every original state-dict key and
 value, and its train/eval behaviour: children (BatchNorm, dropout, drop-path) are untouched
 leaves, and an owner whose own code branches on ``self.training`` gets both traced graphs,
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -29,7 +29,8 @@ from torch import fx, nn
 
 from .blocks import block_class, create_block
 from .errors import RetrofitError
-from .graph import Site, TraceFailure, default_input_size, find_sites, stages_measurable, trace_owner
+from .forward import RewrittenForward, portable_code
+from .graph import Site, TraceFailure, default_input_size, find_sites, preserved_state, stages_measurable, trace_owner
 
 PLACEMENTS = ("standard", "pre", "post", "identity")
 #: Attribute that marks a rewritten owner; holds its :class:`InsertedSite` list.
@@ -118,6 +119,7 @@ def add_attention(
     *,
     placement: str = "standard",
     reduction: int = 16,
+    rd_divisor: int = 8,
     kernel_size: int | Sequence[int] | None = None,
     groups: int | None = None,
     init: str = "identity",
@@ -135,9 +137,12 @@ def add_attention(
         block: ``"se"``, ``"eca"``, ``"se-var1"``, ``"se-var2"``, ``"se-var3"``, ``"se-gc"``
             (see :data:`retrofit.blocks.BLOCKS`).
         placement: ``"standard"``, ``"pre"``, ``"post"`` or ``"identity"``.
-        reduction: SE reduction ratio r (hidden width C // r).
+        reduction: SE reduction ratio r.
+        rd_divisor: SE hidden width C/r is rounded to a multiple of it, at least it (timm's
+            ``SEModule``); 1 gives the paper's ``C // r`` (see :func:`retrofit.blocks.se_hidden_width`).
         kernel_size: ECA k: None (adaptive), an odd int, or one odd int per stage with sites.
-        groups: SE-GC group count (default 16).
+        groups: SE-GC group count (default 16); each site gets the largest divisor of its C
+            not above it.
         init: ``"identity"`` (outputs unchanged at insertion) or ``"paper"``.
         include, exclude: owner-path patterns, glob or ``re:REGEX`` (full match). Each pattern
             must match at least one site.
@@ -161,9 +166,23 @@ def add_attention(
     check_placement_and_init(placement, init)
     if getattr(model, MODEL_MARK, None) is not None:
         raise RetrofitError("this model already has retrofitted attention; start again from the base model")
+    with preserved_state(model):  # re-tracing owners in train mode runs real code on real buffers
+        return _add_attention(
+            model, block, cls, placement=placement, reduction=reduction, rd_divisor=rd_divisor, kernel_size=kernel_size,
+            groups=groups,
+            init=init, include=include, exclude=exclude, stages=stages, replace_existing=replace_existing,
+            input_size=input_size,
+        )
+
+
+def _add_attention(model: nn.Module, block: str, cls: type, *, placement: str, reduction: int, rd_divisor: int,
+                   kernel_size: int | Sequence[int] | None, groups: int | None, init: str,
+                   include: Sequence[str] | None, exclude: Sequence[str] | None, stages: Sequence[int] | None,
+                   replace_existing: bool, input_size: tuple[int, int, int] | None,
+                   ) -> tuple[nn.Module, list[Any]]:
 
     input_size = tuple(input_size or default_input_size(model))
-    given = {"reduction": reduction, "groups": groups,
+    given = {"reduction": reduction, "rd_divisor": rd_divisor, "groups": groups,
              "kernel_size": list(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size}
     user_options = {k: v for k, v in given.items() if k in cls.OPTIONS}
     if replace_existing:
@@ -174,7 +193,8 @@ def add_attention(
         from .replace import replace_existing_se
 
         replaced = replace_existing_se(
-            model, block, init=init, reduction=reduction, kernel_size=kernel_size, groups=groups
+            model, block, init=init, reduction=reduction, rd_divisor=rd_divisor, kernel_size=kernel_size,
+            groups=groups,
         )
         setattr(model, MODEL_MARK, Retrofit(block, placement, init, user_options, [], input_size, replaced))
         return model, replaced
@@ -187,13 +207,21 @@ def add_attention(
             "stages cannot be told apart; --stages and per-stage kernel sizes need a larger input size"
         )
     sites = select_sites(all_sites, include=include, exclude=exclude, stages=stages)
+    if placement == "pre":
+        odd = next((s for s in sites if not s.unit_input_is_map), None)
+        if odd is not None:
+            raise RetrofitError(
+                f"placement 'pre' gates the residual unit's input, which at {odd.owner or '<root>'} is not one "
+                "(N, C, H, W) map (a list or tuple of maps); use standard, post or identity, or --exclude that site"
+            )
     kernel_for_stage = _kernel_per_stage(kernel_size, sites)
 
     planned: list[tuple[Site, int, dict[str, Any]]] = []
     for site in sites:
         channels = site.in_channels if placement == "pre" else site.channels
         options = cls.resolve(
-            channels, reduction=reduction, kernel_size=kernel_for_stage(site.stage), groups=groups
+            channels, reduction=reduction, rd_divisor=rd_divisor, kernel_size=kernel_for_stage(site.stage),
+            groups=groups,
         )
         planned.append((site, channels, options))
     inserted = apply_plan(model, planned, block, placement, init)
@@ -222,6 +250,8 @@ def apply_plan(
         by_owner.setdefault(site.owner, []).append(i)
     for owner_path, indices in by_owner.items():
         owner = model.get_submodule(owner_path)
+        for i in indices:
+            blocks[i].train(owner.training)
         attrs = _free_names(owner, block.replace("-", "_"), len(indices))
         rewrite_owner(owner, [(planned[i][0], attrs[j], blocks[i]) for j, i in enumerate(indices)], placement)
         mine = []
@@ -371,7 +401,6 @@ def rewrite_owner(owner: nn.Module, plan: list[tuple[Site, str, nn.Module]], pla
             gm.add_submodule(attr, block)
             _insert(gm, site, attr, placement, owner_path)
         gm.graph.lint()
-        gm.recompile()
     for site, attr, block in plan:
         if attr in owner.__dict__:  # a `None` placeholder attribute (timm's `self.se = None`)
             del owner.__dict__[attr]
@@ -383,16 +412,7 @@ def rewrite_owner(owner: nn.Module, plan: list[tuple[Site, str, nn.Module]], pla
         for name, value in gm.__dict__.items():
             if name.startswith("_tensor_constant") and not hasattr(owner, name):
                 owner.register_buffer(name, value, persistent=False)
-    train_fn, eval_fn = type(modes[True]).forward, type(modes[False]).forward
-    if modes[True].code == modes[False].code:
-        forward = eval_fn
-    else:
-        forward = _dispatch_on_mode(train_fn, eval_fn)
-    owner.forward = types.MethodType(forward, owner)
-
-
-def _dispatch_on_mode(train_fn: Callable, eval_fn: Callable) -> Callable:
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
-
-    return forward
+    codes = {mode: portable_code(gm.graph) for mode, gm in (("train", modes[True]), ("eval", modes[False]))}
+    if codes["train"][0] == codes["eval"][0]:
+        codes = {"any": codes["eval"]}
+    owner.forward = RewrittenForward(owner, codes)
