@@ -27,7 +27,7 @@ from .models import SOURCE_MARK, ModelSpec, build, load_state_dict_strict
 from .recipe import Recipe, recipe_of
 from .verify import check_rebuild
 from .surgery import MODEL_MARK, Retrofit, apply_plan
-from .graph import find_sites
+from .graph import Site, find_sites
 
 RECIPE_KEY = "retrofit.recipe"
 DIGEST_KEY = "retrofit.sha256"
@@ -193,9 +193,16 @@ def rebuild(recipe: Recipe) -> nn.Module:
         return model.eval()
     if not recipe.sites:
         return model.eval()
+    recorded = _recorded_sites(recipe)
+    if recorded is not None:
+        try:
+            return _insert_planned(model, recipe, recorded, input_size)
+        except Exception:  # the recorded graph does not fit this timm/torchvision: find the sites again
+            model = build(ModelSpec(name, zoo, dict(source.get("kwargs") or {})))
+            setattr(model, SOURCE_MARK, dict(source))
     sites, _ = find_sites(model, input_size)
     by_key = {(s.owner, s.index): s for s in sites}
-    planned = []
+    found = []
     for entry in recipe.sites:
         site = by_key.get((entry["owner"], entry["index"]))
         if site is None or site.channels != entry.get("site_channels", site.channels):
@@ -203,7 +210,24 @@ def rebuild(recipe: Recipe) -> nn.Module:
                 f"site {entry['owner']} of the recipe is not in {source['model']} as built here "
                 "(different timm/torchvision version?)"
             )
-        planned.append((site, int(entry["channels"]), dict(entry["options"])))
+        found.append(site)
+    return _insert_planned(model, recipe, found, input_size)
+
+
+def _recorded_sites(recipe: Recipe) -> list[Site] | None:
+    """The recipe's sites as recorded (fx node names included), or None for recipes before they were."""
+    if not all(isinstance(entry.get("site"), dict) for entry in recipe.sites):
+        return None
+    sites = []
+    for entry in recipe.sites:
+        fields = dict(entry["site"])
+        fields["fixed_args"] = tuple(tuple(pair) for pair in fields.get("fixed_args") or ())
+        sites.append(Site(**fields))
+    return sites
+
+
+def _insert_planned(model: nn.Module, recipe: Recipe, sites: list[Site], input_size: tuple | None) -> nn.Module:
+    planned = [(site, int(entry["channels"]), dict(entry["options"])) for site, entry in zip(sites, recipe.sites)]
     inserted = apply_plan(model, planned, recipe.block, recipe.placement, recipe.init)
     setattr(model, MODEL_MARK, Retrofit(recipe.block, recipe.placement, recipe.init, dict(recipe.options), inserted, input_size))
     return model.eval()

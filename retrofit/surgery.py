@@ -20,6 +20,7 @@ Placements (SE paper, arXiv 1709.01507, §6.5 "integration strategy", Fig. 5):
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class InsertedSite:
             "projection": s.projection,
             "options": dict(self.options),
             "params": self.params,
+            # the whole site (fx node names included): a rebuild re-inserts without a probe forward
+            "site": dataclasses.asdict(s),
         }
 
 

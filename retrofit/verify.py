@@ -95,7 +95,7 @@ def check_rebuild(model: nn.Module, recipe: Recipe) -> None:
         rebuilt = rebuilt.to(param.device, param.dtype if param.is_floating_point() else None)
     size = tuple(recipe.input_size) if recipe.input_size else default_input_size(model)
     with inspection_mode(model), inspection_mode(rebuilt):
-        same = same_output(model(probe_input(model, size)), rebuilt(probe_input(rebuilt, size)))
+        same = same_output(model(probe_input(model, size, batch=1)), rebuilt(probe_input(rebuilt, size, batch=1)))
     if not same:
         raise RetrofitError(
             f"{cannot}: the model rebuilt from its recipe computes other outputs (an option that changes the "

@@ -24,13 +24,24 @@ InitOpt = Annotated[
     str, typer.Option("--init", help="identity: gate = 2·sigmoid, last layer zeroed, outputs unchanged; paper: the papers' form.")
 ]
 ReductionOpt = Annotated[
-    Optional[int], typer.Option("--reduction", "-r", help="SE reduction ratio r (hidden width C // r); default 16.")
+    Optional[int], typer.Option("--reduction", "-r", help="SE reduction ratio r (hidden width about C/r); default 16.")
 ]
 KernelOpt = Annotated[
     Optional[str],
     typer.Option("--kernel-size", "-k", help="ECA kernel size: odd K, or one per stage (3,5,5,7). Default: adaptive rule."),
 ]
-GroupsOpt = Annotated[Optional[int], typer.Option("--groups", help="se-gc group count (default 16).")]
+RdDivisorOpt = Annotated[
+    Optional[int],
+    typer.Option("--rd-divisor", help="SE hidden width: C/r rounded to a multiple of this, at least it (timm; "
+                 "default 8); 1 = the paper's C // r."),
+]
+GroupsOpt = Annotated[
+    Optional[int], typer.Option("--groups", help="se-gc group count (default 16); per site the largest divisor of C not above it.")
+]
+NumClassesOpt = Annotated[
+    Optional[int],
+    typer.Option("--num-classes", help="Classifier size to build (default: the model's, or the one in --weights)."),
+]
 IncludeOpt = Annotated[
     Optional[list[str]], typer.Option("--include", help="Only sites whose owner matches (glob, or re:REGEX). Repeatable.")
 ]
@@ -61,8 +72,10 @@ def run_add(
     placement: str,
     init: str,
     reduction: Optional[int] = None,
+    rd_divisor: Optional[int] = None,
     kernel_size: Optional[str] = None,
     groups: Optional[int] = None,
+    num_classes: Optional[int] = None,
     include: Optional[list[str]] = None,
     exclude: Optional[list[str]] = None,
     stages: Optional[str] = None,
@@ -78,7 +91,8 @@ def run_add(
 
     block_class(block)  # an unknown block, placement or init fails before the output is looked at
     check_placement_and_init(placement, init)
-    check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups)
+    check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups, rd_divisor=rd_divisor)
+    check_num_classes(num_classes)
     check_weight_flags(model, weights, no_pretrained, name="MODEL")
     if weights is not None:
         from ..models import check_weights_path
@@ -98,13 +112,14 @@ def run_add(
     from ..models import load_model
     from ..surgery import add_attention
 
-    net, _, origin = load_model(model, pretrained=not no_pretrained, weights=weights)
+    net, _, origin = load_model(model, pretrained=not no_pretrained, weights=weights, **model_kwargs(num_classes))
     before = sum(p.numel() for p in net.parameters())
     net, sites = add_attention(
         net,
         block,
         placement=placement,
         reduction=16 if reduction is None else reduction,
+        rd_divisor=8 if rd_divisor is None else rd_divisor,
         kernel_size=kernels if kernels is None or len(kernels) > 1 else kernels[0],
         groups=groups,
         init=init,
@@ -147,12 +162,23 @@ def check_weight_flags(target: str, weights: Optional[Path], no_pretrained: bool
         fail(f"--no-pretrained applies to a model name; {target} is a checkpoint, which holds its own weights")
 
 
-def check_block_options(block: str, *, reduction: Any, kernel_size: Any, groups: Any) -> None:
+def check_block_options(block: str, *, reduction: Any, kernel_size: Any, groups: Any, rd_divisor: Any = None) -> None:
     """One-line error for a block option given (not None) to a block it does not apply to."""
     for given, option, applies in ((reduction, "--reduction", "se"), (kernel_size, "--kernel-size", "eca"),
-                                   (groups, "--groups", "se-gc")):
+                                   (groups, "--groups", "se-gc"), (rd_divisor, "--rd-divisor", "se")):
         if given is not None and block != applies:
             fail(f"{option} applies to {applies}, not to {block}")
+
+
+def check_num_classes(num_classes: Optional[int]) -> None:
+    """One-line error for a ``--num-classes`` below 1 (0 would build a model without classifier)."""
+    if num_classes is not None and num_classes < 1:
+        fail(f"--num-classes must be at least 1, got {num_classes}")
+
+
+def model_kwargs(num_classes: Optional[int]) -> dict[str, Any]:
+    """Constructor kwargs from the model-building options (``num_classes`` when given)."""
+    return {} if num_classes is None else {"num_classes": num_classes}
 
 
 def _site_row(s: Any) -> dict[str, Any]:
@@ -237,8 +263,10 @@ def add(
     placement: PlacementOpt = "standard",
     init: InitOpt = "identity",
     reduction: ReductionOpt = None,
+    rd_divisor: RdDivisorOpt = None,
     kernel_size: KernelOpt = None,
     groups: GroupsOpt = None,
+    num_classes: NumClassesOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     stages: StagesOpt = None,
@@ -250,7 +278,8 @@ def add(
 ) -> None:
     """Insert a channel-attention BLOCK at the residual sites of MODEL and save a checkpoint."""
     run_add(block, model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
-            reduction=reduction, kernel_size=kernel_size, groups=groups, include=include, exclude=exclude,
+            reduction=reduction, rd_divisor=rd_divisor, kernel_size=kernel_size, groups=groups,
+            num_classes=num_classes, include=include, exclude=exclude,
             stages=stages, output=output, overwrite=overwrite, as_json=as_json, input_size=input_size,
             replace_existing=replace_existing)
 
@@ -260,6 +289,8 @@ def add(
 def add_se(
     model: ModelArg,
     reduction: ReductionOpt = None,
+    rd_divisor: RdDivisorOpt = None,
+    num_classes: NumClassesOpt = None,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     placement: PlacementOpt = "standard",
@@ -275,7 +306,8 @@ def add_se(
 ) -> None:
     """Insert Squeeze-and-Excitation (Hu et al., arXiv 1709.01507) at the residual sites of MODEL."""
     run_add("se", model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
-            reduction=reduction, include=include, exclude=exclude, stages=stages, output=output,
+            reduction=reduction, rd_divisor=rd_divisor, num_classes=num_classes, include=include, exclude=exclude,
+            stages=stages, output=output,
             overwrite=overwrite, as_json=as_json, input_size=input_size, replace_existing=replace_existing)
 
 
@@ -284,6 +316,7 @@ def add_se(
 def add_eca(
     model: ModelArg,
     kernel_size: KernelOpt = None,
+    num_classes: NumClassesOpt = None,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,
     placement: PlacementOpt = "standard",
@@ -299,7 +332,8 @@ def add_eca(
 ) -> None:
     """Insert Efficient Channel Attention (Wang et al., arXiv 1910.03151) at the residual sites of MODEL."""
     run_add("eca", model, weights=weights, no_pretrained=no_pretrained, placement=placement, init=init,
-            kernel_size=kernel_size, include=include, exclude=exclude, stages=stages, output=output,
+            kernel_size=kernel_size, num_classes=num_classes, include=include, exclude=exclude, stages=stages,
+            output=output,
             overwrite=overwrite, as_json=as_json, input_size=input_size, replace_existing=replace_existing)
 
 
@@ -309,14 +343,16 @@ def sites(
     model: ModelArg,
     as_json: JsonOpt = False,
     input_size: InputSizeOpt = None,
+    num_classes: NumClassesOpt = None,
 ) -> None:
     """List the residual sites of MODEL (owner, C, H×W, stage) without changing anything."""
     size = parse_input_size(input_size)
+    check_num_classes(num_classes)
     from ..errors import RetrofitError
     from ..graph import default_input_size, find_sites, stages_measurable
     from ..models import load_model
 
-    net, _, _ = load_model(model, pretrained=False)
+    net, _, _ = load_model(model, pretrained=False, **model_kwargs(num_classes))
     size = size or default_input_size(net)
     found, failures = find_sites(net, size)
     if not found:

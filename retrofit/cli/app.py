@@ -97,6 +97,9 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     values = parse_ints(text, "--input-size")
     if values is None:
         return None
+    if len(values) == 4:
+        fail(f"--input-size is the size of one image, C,H,W (e.g. 3,224,224), got {text!r}: retrofit makes the "
+             "batch itself (a batch of 2, or a list of 2 images for a detector)")
     if len(values) != 3 or min(values) < 1:
         fail(f"--input-size takes three positive integers C,H,W (e.g. 3,224,224), got {text!r}")
     if max(values[1:]) > MAX_IMAGE_SIDE or values[0] > MAX_CHANNELS:
