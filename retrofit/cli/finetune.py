@@ -153,7 +153,7 @@ def finetune(
     )
     from rich.console import Console
 
-    from ..train.loop import finetune as run
+    from ..train.run import finetune as run
 
     result = run(config, console=Console(stderr=as_json))
     if as_json and int(os.environ.get("RANK", "0")) == 0:
