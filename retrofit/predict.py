@@ -41,6 +41,18 @@ def class_names(model: nn.Module) -> list[str] | None:
     return [info.index_to_description(i) for i in range(1000)]
 
 
+def random_weights(model: nn.Module) -> bool:
+    """Whether ``model`` holds the random weights of ``--no-pretrained`` and was never fine-tuned since.
+
+    Read from the weights origin :func:`retrofit.load_model` records (``"random"``), which a
+    checkpoint's recipe keeps; a checkpoint written by ``retrofit finetune`` has trained weights.
+    """
+    from .models import SOURCE_MARK
+
+    source = getattr(model, SOURCE_MARK, None) or {}
+    return source.get("weights") == "random" and getattr(model, "retrofit_data_config", None) is None
+
+
 def eval_transform(model: nn.Module):
     """timm's eval transform from the model's data config (size, interpolation, mean/std).
 

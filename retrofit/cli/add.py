@@ -72,21 +72,25 @@ def run_add(
     input_size: Optional[str] = None,
     replace_existing: bool = False,
 ) -> None:
+    from ..limits import check_block_numbers
+
+    check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups)
+    kernels = parse_ints(kernel_size, "--kernel-size")
+    stage_list = parse_ints(stages, "--stages")
+    check_block_numbers(reduction=reduction, kernel_size=kernels, groups=groups, stages=stage_list)
+    size = parse_input_size(input_size)  # every number is checked before torch is imported
+
     from ..blocks import block_class
     from ..checkpoint import check_writable
     from ..surgery import check_placement_and_init
 
     block_class(block)  # an unknown block, placement or init fails before the output is looked at
     check_placement_and_init(placement, init)
-    check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups)
     check_weight_flags(model, weights, no_pretrained, name="MODEL")
     if weights is not None:
         from ..models import check_weights_path
 
         check_weights_path(weights)
-    kernels = parse_ints(kernel_size, "--kernel-size")
-    stage_list = parse_ints(stages, "--stages")
-    size = parse_input_size(input_size)
     # the inputs are all named above; now the output (an existing one is never replaced silently)
     output = check_writable(output if output is not None else default_output(model, block), overwrite)
     if output.suffix != ".safetensors":
@@ -95,27 +99,30 @@ def run_add(
         fail(f"output {output} is the --weights file itself; write the checkpoint to another file")
 
     from ..checkpoint import save_checkpoint
+    from ..lock import output_lock
     from ..models import load_model
     from ..surgery import add_attention
 
-    net, _, origin = load_model(model, pretrained=not no_pretrained, weights=weights)
-    before = sum(p.numel() for p in net.parameters())
-    net, sites = add_attention(
-        net,
-        block,
-        placement=placement,
-        reduction=16 if reduction is None else reduction,
-        kernel_size=kernels if kernels is None or len(kernels) > 1 else kernels[0],
-        groups=groups,
-        init=init,
-        include=include,
-        exclude=exclude,
-        stages=stage_list,
-        replace_existing=replace_existing,
-        input_size=size,
-    )
-    after = sum(p.numel() for p in net.parameters())
-    save_checkpoint(net, output, overwrite=overwrite)
+    with output_lock(output, "-o"):  # one writer per checkpoint path, for the whole command
+        check_writable(output, overwrite)  # again, now that no other command can be writing it
+        net, _, origin = load_model(model, pretrained=not no_pretrained, weights=weights)
+        before = sum(p.numel() for p in net.parameters())
+        net, sites = add_attention(
+            net,
+            block,
+            placement=placement,
+            reduction=16 if reduction is None else reduction,
+            kernel_size=kernels if kernels is None or len(kernels) > 1 else kernels[0],
+            groups=groups,
+            init=init,
+            include=include,
+            exclude=exclude,
+            stages=stage_list,
+            replace_existing=replace_existing,
+            input_size=size,
+        )
+        after = sum(p.numel() for p in net.parameters())
+        save_checkpoint(net, output, overwrite=overwrite)
     report = {
         "model": model,
         "weights": origin,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RetrofitError
+from ..interrupts import deferred
 from . import distributed, report
 from .config import FinetuneConfig
 from .model import freeze_batchnorm_stats, new_parameter_names, set_backbone_frozen
@@ -204,9 +205,11 @@ class Trainer:
             freeze_batchnorm_stats(self.model)
         n_batches = len(batches)
         accum = cfg.accum_steps
-        task = progress.add_task("", total=n_batches, epoch=f"{epoch + 1}/{cfg.epochs}", loss=math.nan, ips=0.0) if progress else None
+        # the running loss shows "–" until the first loss is read back (not "nan")
+        task = progress.add_task("", total=n_batches, epoch=f"{epoch + 1}/{cfg.epochs}", loss="–", ips=0.0) if progress else None
         pending: list[torch.Tensor] = []
         loss_total, images_total, skipped, done = 0.0, 0, 0, 0
+        images_read = 0  # images whose loss is in loss_total (read back from the device)
         group_has_grad = False
         start = time.perf_counter()
         for i, (images, labels, bad) in enumerate(batches):
@@ -241,10 +244,11 @@ class Trainer:
                 group_has_grad = False
             if len(pending) >= self.sync_every or i + 1 == n_batches:
                 loss_total += self._check_losses(pending, epoch, i + 1 - len(pending), n_batches)
-                pending = []
+                images_read, pending = images_total, []
             if task is not None:
                 elapsed = max(time.perf_counter() - start, 1e-9)
-                progress.update(task, advance=i + 1 - done, loss=loss_total / max(images_total, 1),
+                shown = f"{loss_total / images_read:.4f}" if images_read else "–"
+                progress.update(task, advance=i + 1 - done, loss=shown,
                                 ips=images_total * d.world_size / elapsed)
                 done = i + 1
         seconds = time.perf_counter() - start
@@ -337,8 +341,9 @@ class Trainer:
         self.history.append(row)
         rng = distributed.gather_objects(d, rng_state())
         if d.is_main:  # the state first: with it, a resumed run can rewrite everything else
-            write_state(self, rng)
-            self.saved_epoch = self.epoch  # resumable from here: --resume rewrites the other files from the state
+            with deferred():  # a signal during the write still finds saved_epoch telling the truth
+                write_state(self, rng)
+                self.saved_epoch = self.epoch  # resumable from here: --resume rewrites the other files from the state
             self.folder.drop_replaced()
             write_epoch_files(self)
         distributed.barrier(d)

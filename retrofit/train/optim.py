@@ -28,9 +28,10 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
 
 
 def warmup_updates(cfg: FinetuneConfig, updates_per_epoch: int) -> int:
-    """Optimizer updates of the linear warmup: ``warmup_epochs`` worth, at most all but the last update."""
+    """Optimizer updates of the linear warmup: :meth:`FinetuneConfig.warmup_epochs_used` worth (at most half
+    the run), and never all of a run's updates."""
     total = cfg.epochs * updates_per_epoch
-    return min(round(cfg.warmup_epochs * updates_per_epoch), total - 1)
+    return min(round(cfg.warmup_epochs_used() * updates_per_epoch), total - 1)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, updates_per_epoch: int) -> Any:

@@ -31,12 +31,13 @@ def jsonable(value: Any) -> Any:
 
 
 def progress_bar(console: Any) -> Any:
-    """A transient rich progress bar of one epoch's batches: images/s, running loss, time left."""
+    """A transient rich progress bar of one epoch's batches: images/s, running loss (a string: ``–`` before the
+    first batch), time left."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[ips]:.0f} img/s"), TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[ips]:.0f} img/s"), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
     )
 

@@ -1,6 +1,6 @@
 """A fine-tuning run from start to end: :func:`finetune`.
 
-In order: the settings are checked, the run folder is checked (and recovered after a kill), the
+In order: the settings are checked, the run folder is locked (one command per folder) and checked (and recovered after a kill), the
 model and data are set up, a previous run is set aside (``--overwrite``), the run record is
 written, epochs run until ``--until-epoch`` or ``--epochs`` (:mod:`.loop`), and the summary is
 written. A failure or an interruption becomes one line that says what is kept.
@@ -74,15 +74,16 @@ def finetune(config: FinetuneConfig, console: Any = None) -> FinetuneResult:
 
 def _run(t: Trainer) -> FinetuneResult:
     started = time.perf_counter()
-    t.folder.check(t.config)
-    t.build()
-    t.folder.clear(t.config.overwrite)
-    try:
-        return _epochs(t, started)
-    except BaseException as e:
-        if t.folder.restore_replaced(t.saved_epoch) and isinstance(e, (KeyboardInterrupt, RetrofitError)):
-            raise type(e)(f"{e}; the run it was replacing is back in {t.out}") from None
-        raise
+    with t.folder.lock():
+        t.folder.check(t.config)
+        t.build()
+        t.folder.clear(t.config.overwrite)
+        try:
+            return _epochs(t, started)
+        except BaseException as e:
+            if t.folder.restore_replaced(t.saved_epoch) and isinstance(e, (KeyboardInterrupt, RetrofitError)):
+                raise type(e)(f"{e}; the run it was replacing is back in {t.out}") from None
+            raise
 
 
 def _epochs(t: Trainer, started: float) -> FinetuneResult:
@@ -91,6 +92,9 @@ def _epochs(t: Trainer, started: float) -> FinetuneResult:
     if d.is_main and not cfg.resume:
         write_json(t.out / "config.json", report.run_record(t))
     t.say(report.start_line(t))
+    warning = cfg.warmup_warning()
+    if warning:
+        t.say(warning)
     if t.epoch >= stop:
         t.say(f"nothing to do: {t.out} already holds {t.epoch} of {cfg.epochs} epochs")
     progress = report.progress_bar(t.console) if d.is_main and t.console is not None else None

@@ -7,17 +7,24 @@ With ``--overwrite`` the previous run's files move to ``OUTPUT/.replaced/`` (thr
 once its first epoch is saved. A run that fails or is interrupted before that puts them back; so
 does the next finetune command in that folder after a kill. An ``--overwrite`` that does not get
 through an epoch loses nothing.
+
+Rank 0 holds the folder's output lock (:func:`retrofit.lock.output_lock`, ``.<name>.lock`` beside
+the folder) for the whole command: a second command on the same folder is refused with one line
+naming the first, before it looks at the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 from ..errors import RetrofitError
+from ..interrupts import deferred
+from ..lock import output_lock, remove_stale_temps
 from . import distributed
 from .config import FinetuneConfig
 from .state import STATE_FILE
@@ -61,6 +68,13 @@ class RunFolder:
         self.d = d
         self.say = say
         self.previous: list[str] = []
+
+    def lock(self) -> ContextManager[None]:
+        """The folder's output lock, held by rank 0 (the only rank that writes).
+
+        Raises :class:`RetrofitError` on entry when another command holds it.
+        """
+        return output_lock(self.path, "--output") if self.d.is_main else contextlib.nullcontext()
 
     def check(self, config: FinetuneConfig) -> None:
         """Refuse to overwrite a previous run unless ``overwrite`` (then set aside later) or ``resume``.
@@ -111,14 +125,14 @@ class RunFolder:
         distributed.barrier(self.d)
         if self.d.is_main:
             for name in RUN_FILES:
-                for stale in self.path.glob(f".{name}.*.tmp"):  # left by a killed atomic write
-                    stale.unlink(missing_ok=True)
+                remove_stale_temps(self.path / name)  # left by a killed atomic write
             if overwrite and self.previous:
-                moving = self.path / MOVING
-                moving.mkdir()
-                for name in self.previous:
-                    os.replace(self.path / name, moving / name)
-                os.replace(moving, self.path / REPLACED)
+                with deferred():  # all of the old run is set aside, or none of it
+                    moving = self.path / MOVING
+                    moving.mkdir()
+                    for name in self.previous:
+                        os.replace(self.path / name, moving / name)
+                    os.replace(moving, self.path / REPLACED)
         distributed.barrier(self.d)
 
     def drop_replaced(self) -> None:
@@ -148,9 +162,10 @@ class RunFolder:
                 self.say(f"put back the run that an interrupted --overwrite was replacing in {self.path}")
 
     def _put_back(self, folder: Path, *, new_files: bool) -> None:
-        if new_files:  # what the new run wrote before any epoch was saved: its run record
-            for name in RUN_FILES:
-                (self.path / name).unlink(missing_ok=True)
-        for f in folder.iterdir():
-            os.replace(f, self.path / f.name)
-        folder.rmdir()
+        with deferred():  # all of the old run comes back, or none of it
+            if new_files:  # what the new run wrote before any epoch was saved: its run record
+                for name in RUN_FILES:
+                    (self.path / name).unlink(missing_ok=True)
+            for f in folder.iterdir():
+                os.replace(f, self.path / f.name)
+            folder.rmdir()
