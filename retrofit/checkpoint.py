@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -82,29 +81,40 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
-    The file gets the usual permissions (0666 less the umask). Raises :class:`RetrofitError`
-    naming ``path`` when the folder cannot be created or written.
+    The temporary file (``.<name>.<random>.tmp``) is flocked while it exists, and temporary files
+    of ``path`` that no live writer holds (left by a kill) are removed first
+    (:mod:`retrofit.lock`). Ctrl-C, SIGTERM and SIGHUP take effect once the write is done or
+    undone (:func:`retrofit.interrupts.deferred`): no signal leaves a temporary file. The file
+    gets the usual permissions (0666 less the umask). Raises :class:`RetrofitError` naming
+    ``path`` when the folder cannot be created or written.
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .interrupts import deferred
+    from .lock import remove_stale_temps, temp_file
+
+    with deferred():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path)
+            fd, tmp = temp_file(path)
+        except OSError as e:
+            raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)  # still flocked: no cleaner takes it for a dead writer's
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,6 +38,18 @@ def class_names(model: nn.Module) -> list[str] | None:
 
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(1000)]
+
+
+def random_weights(model: nn.Module) -> bool:
+    """Whether ``model`` holds the random weights of ``--no-pretrained`` and was never fine-tuned since.
+
+    Read from the weights origin :func:`retrofit.load_model` records (``"random"``), which a
+    checkpoint's recipe keeps; a checkpoint written by ``retrofit finetune`` has trained weights.
+    """
+    from .models import SOURCE_MARK
+
+    source = getattr(model, SOURCE_MARK, None) or {}
+    return source.get("weights") == "random" and getattr(model, "retrofit_data_config", None) is None
 
 
 def eval_transform(model: nn.Module):

@@ -25,3 +25,22 @@ def photos(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digit_tree(tmp_path_factory):
+    """An ImageFolder tree of the real scikit-learn digits: 10 train and 5 val images per class (100 / 50)."""
+    import shutil
+
+    from retrofit.train.digits import write_digits
+
+    full = tmp_path_factory.mktemp("digits_full")
+    write_digits(full)
+    root = tmp_path_factory.mktemp("digit_tree")
+    for split, n in (("train", 10), ("val", 5)):
+        for cls in sorted((full / split).iterdir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f, root / split / cls.name / f.name)
+    shutil.rmtree(full)
+    return root

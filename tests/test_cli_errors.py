@@ -60,10 +60,10 @@ def test_transformer_token_additions_are_not_sites(tmp_path):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["add-eca", "resnet18", "--kernel-size", "4"], "positive odd integer"),
-        (["add-eca", "resnet18", "--kernel-size", "-3"], "positive odd integer"),
+        (["add-eca", "resnet18", "--kernel-size", "4"], "--kernel-size must be odd"),
+        (["add-eca", "resnet18", "--kernel-size", "-3"], "--kernel-size must be between 1 and 1023, got -3"),
         (["add-eca", "resnet18", "--kernel-size", "a,b"], "integers separated by commas"),
-        (["add-se", "resnet18", "--reduction", "0"], "positive integer"),
+        (["add-se", "resnet18", "--reduction", "0"], "--reduction must be between 1 and 1024, got 0"),
         (["add", "cbam", "resnet18"], "unknown block 'cbam'"),
         (["add-eca", "resnet18", "--placement", "middle"], "unknown placement"),
         (["add-eca", "resnet18", "--init", "zeros"], "unknown init"),

@@ -657,7 +657,7 @@ def test_models_with_auxiliary_outputs_train(tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--epochs", "0"], "--epochs must be ≥ 1"),
+    (["--epochs", "0"], "--epochs must be between 1 and 10000, got 0"),
     (["--scale", "0.5"], "--scale takes 2 numbers"),
     (["--optimizer", "lamb"], "unknown optimizer 'lamb'"),
     (["--placement", "pre"], "--placement applies only with --block"),

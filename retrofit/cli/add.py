@@ -85,22 +85,26 @@ def run_add(
     input_size: Optional[str] = None,
     replace_existing: bool = False,
 ) -> None:
+    from ..limits import check_block_numbers
+
+    check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups, rd_divisor=rd_divisor)
+    kernels = parse_ints(kernel_size, "--kernel-size")
+    stage_list = parse_ints(stages, "--stages")
+    check_block_numbers(reduction=reduction, kernel_size=kernels, groups=groups, stages=stage_list,
+                        rd_divisor=rd_divisor, num_classes=num_classes)
+    size = parse_input_size(input_size)  # every number is checked before torch is imported
+
     from ..blocks import block_class
     from ..checkpoint import check_writable
     from ..surgery import check_placement_and_init
 
     block_class(block)  # an unknown block, placement or init fails before the output is looked at
     check_placement_and_init(placement, init)
-    check_block_options(block, reduction=reduction, kernel_size=kernel_size, groups=groups, rd_divisor=rd_divisor)
-    check_num_classes(num_classes)
     check_weight_flags(model, weights, no_pretrained, name="MODEL")
     if weights is not None:
         from ..models import check_weights_path
 
         check_weights_path(weights)
-    kernels = parse_ints(kernel_size, "--kernel-size")
-    stage_list = parse_ints(stages, "--stages")
-    size = parse_input_size(input_size)
     # the inputs are all named above; now the output (an existing one is never replaced silently)
     output = check_writable(output if output is not None else default_output(model, block), overwrite)
     if output.suffix != ".safetensors":
@@ -109,28 +113,31 @@ def run_add(
         fail(f"output {output} is the --weights file itself; write the checkpoint to another file")
 
     from ..checkpoint import save_checkpoint
+    from ..lock import output_lock
     from ..models import load_model
     from ..surgery import add_attention
 
-    net, _, origin = load_model(model, pretrained=not no_pretrained, weights=weights, **model_kwargs(num_classes))
-    before = sum(p.numel() for p in net.parameters())
-    net, sites = add_attention(
-        net,
-        block,
-        placement=placement,
-        reduction=16 if reduction is None else reduction,
-        rd_divisor=8 if rd_divisor is None else rd_divisor,
-        kernel_size=kernels if kernels is None or len(kernels) > 1 else kernels[0],
-        groups=groups,
-        init=init,
-        include=include,
-        exclude=exclude,
-        stages=stage_list,
-        replace_existing=replace_existing,
-        input_size=size,
-    )
-    after = sum(p.numel() for p in net.parameters())
-    save_checkpoint(net, output, overwrite=overwrite)
+    with output_lock(output, "-o"):  # one writer per checkpoint path, for the whole command
+        check_writable(output, overwrite)  # again, now that no other command can be writing it
+        net, _, origin = load_model(model, pretrained=not no_pretrained, weights=weights, **model_kwargs(num_classes))
+        before = sum(p.numel() for p in net.parameters())
+        net, sites = add_attention(
+            net,
+            block,
+            placement=placement,
+            reduction=16 if reduction is None else reduction,
+            rd_divisor=8 if rd_divisor is None else rd_divisor,
+            kernel_size=kernels if kernels is None or len(kernels) > 1 else kernels[0],
+            groups=groups,
+            init=init,
+            include=include,
+            exclude=exclude,
+            stages=stage_list,
+            replace_existing=replace_existing,
+            input_size=size,
+        )
+        after = sum(p.numel() for p in net.parameters())
+        save_checkpoint(net, output, overwrite=overwrite)
     report = {
         "model": model,
         "weights": origin,
@@ -168,12 +175,6 @@ def check_block_options(block: str, *, reduction: Any, kernel_size: Any, groups:
                                    (groups, "--groups", "se-gc"), (rd_divisor, "--rd-divisor", "se")):
         if given is not None and block != applies:
             fail(f"{option} applies to {applies}, not to {block}")
-
-
-def check_num_classes(num_classes: Optional[int]) -> None:
-    """One-line error for a ``--num-classes`` below 1 (0 would build a model without classifier)."""
-    if num_classes is not None and num_classes < 1:
-        fail(f"--num-classes must be at least 1, got {num_classes}")
 
 
 def model_kwargs(num_classes: Optional[int]) -> dict[str, Any]:
@@ -347,7 +348,9 @@ def sites(
 ) -> None:
     """List the residual sites of MODEL (owner, C, H×W, stage) without changing anything."""
     size = parse_input_size(input_size)
-    check_num_classes(num_classes)
+    from ..limits import check_block_numbers
+
+    check_block_numbers(num_classes=num_classes)
     from ..errors import RetrofitError
     from ..graph import default_input_size, find_sites, stages_measurable
     from ..models import load_model

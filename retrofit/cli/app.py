@@ -21,6 +21,22 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+def _no_type_on_flags() -> None:
+    """Show nothing in the help's type column for flags: Typer 0.2x prints ``--json <bool>``, as if a
+    flag took a value. Only help rendering changes; older Typer has no such method and shows none."""
+    from typer.core import TyperOption
+
+    display = getattr(TyperOption, "display_type_rich", None)
+    if display is not None:
+        def display_type_rich(self: Any, ctx: Any) -> Any:
+            return None if self.is_flag else display(self, ctx)
+
+        TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_type_on_flags()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
@@ -49,20 +65,26 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote p
 
 
 def handle_errors(fn: F) -> F:
-    """Turn library errors into one line on stderr and a non-zero exit (tracebacks with --debug)."""
+    """Turn library errors into one line on stderr and a non-zero exit (tracebacks with --debug).
+
+    Ctrl-C, SIGTERM and SIGHUP all end a command with ``error: interrupted`` / ``error: stopped by
+    SIGTERM`` (and what was kept) and the shell's exit code 128 + signal number (130, 143, 129).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .. import interrupts
         from ..errors import RetrofitError
 
         try:
-            return fn(*args, **kwargs)
+            with interrupts.stop_signals_interrupt():  # SIGTERM and SIGHUP stop a command as Ctrl-C does
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt as e:
             # a command may say what was kept (finetune: the last completed epoch)
-            typer.echo(f"error: {_rank()}interrupted{'; ' + str(e) if str(e) else ''}", err=True)
-            raise typer.Exit(130)
+            typer.echo(f"error: {_rank()}{interrupts.describe()}{'; ' + str(e) if str(e) else ''}", err=True)
+            raise typer.Exit(interrupts.exit_code())
         except RetrofitError as e:
             if _state["debug"]:
                 raise
@@ -137,8 +159,8 @@ def main() -> None:
         else:
             raise
     code = code if isinstance(code, int) else 0
-    if code == 130:
-        # After Ctrl-C the outputs are already complete (atomic writes); skip interpreter
+    if code in (129, 130, 143):
+        # After Ctrl-C, SIGHUP or SIGTERM the outputs are already complete (atomic writes); skip interpreter
         # finalization, where a thread the interrupted work left behind can abort the process
         # ("Fatal Python error: PyThreadState_Get", seen in CI) after the one-line message.
         sys.stdout.flush()

@@ -127,9 +127,6 @@ def finetune(
     if block is None and any(insertion.values()):
         fail(f"{next(k for k, v in insertion.items() if v)} applies only with --block")
     if block is not None:
-        from ..blocks import block_class
-
-        block_class(block)  # an unknown block fails before any loading
         check_block_options(block, reduction=reduction if reduction != 16 else None, kernel_size=kernel_size,
                             groups=groups)
     kernels = parse_ints(kernel_size, "--kernel-size")
@@ -151,9 +148,14 @@ def finetune(
         ema_decay=ema_decay, seed=seed, device=device, precision=precision, channels_last=channels_last,
         compile=compile, until_epoch=until_epoch, resume=resume, overwrite=overwrite,
     )
+    config.validate()  # every number, before torch is imported or anything is loaded
+    if block is not None:
+        from ..blocks import block_class
+
+        block_class(block)  # an unknown block fails before any loading
     from rich.console import Console
 
-    from ..train.loop import finetune as run
+    from ..train.run import finetune as run
 
     result = run(config, console=Console(stderr=as_json))
     if as_json and int(os.environ.get("RANK", "0")) == 0:

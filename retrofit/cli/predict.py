@@ -12,6 +12,15 @@ from .add import JsonOpt, NoPretrainedOpt, WeightsOpt, check_weight_flags
 from .app import app, fail, handle_errors
 
 
+def check_images(images: list[Path]) -> None:
+    """One-line error for an image path that is missing or a folder, before any model is loaded."""
+    for image in images:
+        if not image.exists():
+            fail(f"image not found: {image}")
+        if not image.is_file():
+            fail(f"{image} is a folder; give image files")
+
+
 @app.command("predict")
 @handle_errors
 def predict(
@@ -23,11 +32,16 @@ def predict(
     as_json: JsonOpt = False,
 ) -> None:
     """Print the top-k classes of each image (timm preprocessing from the model's data config)."""
+    check_images(images)
+    check_weight_flags(target, weights, no_pretrained, "--weights", "TARGET")
     from ..checkpoint import load_target
     from ..predict import predict as run
+    from ..predict import random_weights
 
-    check_weight_flags(target, weights, no_pretrained, "--weights", "TARGET")
     model = load_target(target, pretrained=not no_pretrained, weights=weights)
+    if random_weights(model):
+        typer.echo(f"warning: {target} has random weights (made with --no-pretrained, never trained): "
+                   "its predictions mean nothing", err=True)
     results = run(model, [str(p) for p in images], top=top)
     if as_json:
         rows = [{"image": r.image, "classes": r.classes, "names": r.names, "probs": r.probs} for r in results]
@@ -59,6 +73,7 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Top-k of BASE and OTHER side by side, the max |Δ logit|, and whether the top-k agree."""
+    check_images(images)
     from ..checkpoint import is_checkpoint, load_target
     from ..errors import RetrofitError
     from ..predict import class_names

@@ -7,9 +7,12 @@
     result.best   # {"epoch": …, "top1": …, "weights": "model" or "ema"}
 
 Modules: :mod:`.config` (the recipe), :mod:`.data` (datasets, timm transforms, loaders),
-:mod:`.model` (head, parameter groups, freezing), :mod:`.loop` (train/eval, checkpoints),
+:mod:`.model` (head, parameter groups, freezing), :mod:`.run` (a run from start to end),
+:mod:`.run_folder` (the output folder's life cycle), :mod:`.setup` (model and data of a run),
+:mod:`.optim` (optimizer, schedule, EMA), :mod:`.loop` (the epoch loop: train, evaluate, save),
 :mod:`.state` (resumable trainer state), :mod:`.distributed` (torchrun/DDP),
-:mod:`.outputs` (metrics.csv, curves.png), :mod:`.digits` (the offline digits set).
+:mod:`.outputs` (checkpoints, metrics.csv, curves.png), :mod:`.report` (console lines, run record),
+:mod:`.digits` (the offline digits set).
 Names are imported lazily, so importing the package does not import torch.
 """
 
@@ -20,8 +23,8 @@ from typing import Any
 
 _EXPORTS = {
     "FinetuneConfig": "config",
-    "FinetuneResult": "loop",
-    "finetune": "loop",
+    "FinetuneResult": "run",
+    "finetune": "run",
     "write_digits": "digits",
 }
 

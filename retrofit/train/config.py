@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import RetrofitError
-from ..limits import MAX_IMAGE_SIDE
+from ..limits import (
+    MAX_ACCUM_STEPS, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_IMAGE_SIDE, MAX_SEED, MAX_WARMUP_FRACTION, check_block_numbers,
+)
 
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -110,10 +112,14 @@ class FinetuneConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
-        """Raise :class:`RetrofitError` (one line) for any value out of range."""
+        """Raise :class:`RetrofitError` (one line) for any value out of range (:mod:`retrofit.limits`).
+
+        Needs no model, no data and no torch: the CLI calls it before anything is loaded.
+        """
         checks = [
-            (self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
+            (1 <= self.epochs <= MAX_EPOCHS, f"--epochs must be between 1 and {MAX_EPOCHS}, got {self.epochs}"),
+            (1 <= self.batch_size <= MAX_BATCH_SIZE,
+             f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"),
             (_positive(self.lr), f"--lr must be a positive number, got {self.lr}"),
             (_finite(self.min_lr) and 0 <= self.min_lr <= self.lr, f"--min-lr must be between 0 and --lr, got {self.min_lr}"),
@@ -126,7 +132,8 @@ class FinetuneConfig:
             (_positive(self.new_lr_mult), f"--new-lr-mult must be positive, got {self.new_lr_mult}"),
             (0 <= self.freeze_backbone_epochs <= self.epochs,
              f"--freeze-backbone-epochs must be between 0 and --epochs, got {self.freeze_backbone_epochs}"),
-            (self.accum_steps >= 1, f"--accum-steps must be ≥ 1, got {self.accum_steps}"),
+            (1 <= self.accum_steps <= MAX_ACCUM_STEPS,
+             f"--accum-steps must be between 1 and {MAX_ACCUM_STEPS}, got {self.accum_steps}"),
             (self.clip_grad is None or _positive(self.clip_grad), f"--clip-grad must be positive, got {self.clip_grad}"),
             (_finite(self.ema_decay) and 0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
             (self.img_size is None or 8 <= self.img_size <= MAX_IMAGE_SIDE,
@@ -145,13 +152,28 @@ class FinetuneConfig:
             # before the output folder is looked at (a resumed run rebuilds from its trainer state instead)
             (self.weights is None or self.resume or os.path.isfile(self.weights), f"weights file not found: {self.weights}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
-            (0 <= self.seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {self.seed}"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and 2**63 - 1, got {self.seed}"),
             (not (str(self.source).endswith(".safetensors") and not self.pretrained),
              "--no-pretrained applies to a model name; a checkpoint holds its own weights"),
         ]
         for ok, message in checks:
             if not ok:
                 raise RetrofitError(message)
+        check_block_numbers(reduction=self.reduction, kernel_size=self.kernel_size, groups=self.groups,
+                            stages=self.stages)
+
+    def warmup_epochs_used(self) -> float:
+        """The warm-up the schedule runs: ``warmup_epochs``, capped at :data:`~retrofit.limits.MAX_WARMUP_FRACTION`
+        of the run (a warm-up as long as the run would end it before the learning rate ever decays)."""
+        return min(self.warmup_epochs, MAX_WARMUP_FRACTION * self.epochs)
+
+    def warmup_warning(self) -> str | None:
+        """The one-line warning when :meth:`warmup_epochs_used` caps ``warmup_epochs``, else None."""
+        used = self.warmup_epochs_used()
+        if used == self.warmup_epochs:
+            return None
+        return (f"warning: --warmup-epochs {self.warmup_epochs:g} is more than half of --epochs {self.epochs}; "
+                f"warming up for {used:g} epochs instead")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

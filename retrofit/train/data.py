@@ -205,6 +205,13 @@ def _extensions() -> str:
     return "/".join(IMG_EXTENSIONS[:4]) + "/…"
 
 
+def _can_download(cls: type) -> bool:
+    """Whether torchvision can fetch this dataset: its constructor, or one it hands its arguments to
+    (EMNIST → MNIST), takes ``download``. ImageNet's does not (its archives need a manual download)."""
+    return any("download" in inspect.signature(c.__init__).parameters
+               for c in cls.__mro__ if c not in (object, Dataset) and "__init__" in vars(c))
+
+
 def _torchvision_splits(
     name: str, train_transform: Callable, eval_transform: Callable, dataset_root: str | None, download: bool
 ) -> Splits:
@@ -221,10 +228,22 @@ def _torchvision_splits(
         split_args = ({"split": "train"}, {"split": "test"})
     else:
         raise RetrofitError(f"torchvision dataset {name} has no train/test split argument; export it as an ImageFolder")
+    downloadable = _can_download(cls)
+    if download and not downloadable:
+        raise RetrofitError(f"torchvision cannot download {name}; place its files under {root} yourself "
+                            "(see torchvision's documentation of the dataset) and run without --download")
+    options = {"download": download} if downloadable else {}
     try:
-        train, val = (cls(str(root), download=download, **a) for a in split_args)
+        train = cls(str(root), **options, **split_args[0])
+        try:
+            val = cls(str(root), **options, **split_args[1])
+        except ValueError as e:  # a split= dataset without a test split (ImageNet): its val split
+            if split_args[1] != {"split": "test"} or "'test'" not in str(e):
+                raise
+            val = cls(str(root), **options, split="val")
     except RuntimeError as e:
-        hint = "" if download else "; pass --download to fetch it"
+        hint = ("; pass --download to fetch it" if downloadable and not download else
+                "" if downloadable else f"; torchvision cannot download {name}: place its files there yourself")
         raise RetrofitError(f"torchvision dataset {name} not found under {root}{hint} ({_one_line(e)})") from None
     except (OSError, ValueError) as e:
         raise RetrofitError(f"cannot open torchvision dataset {name} under {root}: {_one_line(e)}") from None

@@ -1,6 +1,7 @@
-"""The human-readable outputs of a run: ``metrics.csv``, ``curves.png``, ``config.json``, ``summary.json``.
+"""The files a run writes: the trainer state and checkpoints of each epoch, ``metrics.csv``, ``curves.png``,
+``config.json``, ``summary.json``.
 
-Every file is rewritten whole from the run's history and replaced atomically
+Every file is rewritten whole from the run's in-memory state and replaced atomically
 (:func:`retrofit.checkpoint.atomic_write_bytes`), so a reader never sees half a file and a
 resumed run's ``metrics.csv`` has exactly one row per completed epoch.
 """
@@ -12,9 +13,12 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .loop import Trainer
 
 #: ``metrics.csv`` columns. Losses are mean cross-entropy per image (train: with label
 #: smoothing); top-1/top-5 are fractions in [0, 1]; ``ema_*`` are empty when EMA is off.
@@ -22,6 +26,47 @@ METRIC_COLUMNS = (
     "epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5",
     "ema_val_loss", "ema_val_top1", "ema_val_top5", "train_images_per_s", "epoch_seconds", "skipped_images",
 )
+
+
+def write_state(t: Trainer, rng: list[dict[str, Any]]) -> None:
+    """``trainer_state.safetensors`` of the trainer's last completed epoch; ``rng``: every rank's RNG states."""
+    from ..recipe import recipe_of
+    from .report import jsonable
+    from .state import save_trainer_state
+
+    save_trainer_state(
+        t.out, epoch=t.epoch, updates=t.updates, model=t.model,
+        ema=t.ema.module if t.ema is not None else None, optimizer=t.optimizer,
+        scheduler_state=jsonable(t.scheduler.state_dict()), rng=rng, best=t.best,
+        history=t.history, config=t.config.to_dict(), recipe=recipe_of(t.model).to_json(),
+    )
+
+
+def write_epoch_files(t: Trainer) -> None:
+    """``last`` (and ``ema``), ``best`` when the trainer's last epoch is the best, ``metrics.csv``, ``curves.png``.
+
+    Everything comes from the in-memory state of the last completed epoch, so a resumed run
+    calls this once first: a kill between the trainer state and these files loses nothing.
+    """
+    from ..checkpoint import save_checkpoint
+    from .model import describe_source
+    from .report import checkpoint_extra
+    from .run_folder import BEST, EMA, LAST
+
+    row = t.history[-1]
+    val = {"top1": row["val_top1"], "top5": row["val_top5"], "loss": row["val_loss"]}
+    ema_val = None
+    save_checkpoint(t.model, t.out / LAST, extra=checkpoint_extra(t, t.epoch, "model", val))
+    if t.ema is not None:
+        ema_val = {"top1": row["ema_val_top1"], "top5": row["ema_val_top5"], "loss": row["ema_val_loss"]}
+        save_checkpoint(t.ema.module, t.out / EMA, extra=checkpoint_extra(t, t.epoch, "ema", ema_val))
+    if t.best["epoch"] == t.epoch:
+        weights = t.best["weights"]
+        module = t.ema.module if weights == "ema" and t.ema is not None else t.model
+        metrics = ema_val if weights == "ema" and ema_val is not None else val
+        save_checkpoint(module, t.out / BEST, extra=checkpoint_extra(t, t.epoch, weights, metrics))
+    write_metrics_csv(t.out / "metrics.csv", t.history)
+    write_curves(t.out / "curves.png", t.history, describe_source(t.config))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
