@@ -256,16 +256,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                     "predict/report/finetune, or retrofit.load_checkpoint()"
                 )
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a plain pickle (protocol 4/5) makes torch warn before refusing it
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except RetrofitError:
         raise
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a refused class: the file is damaged
+        with open(path, "rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip (PK…); a pickle starts with its PROTO opcode (0x80); anything else is damaged
+        if head[:2] != b"PK" and head[:1] != b"\x80":
             raise RetrofitError(f"cannot read weights file {path}: not a PyTorch weights file") from e
-        # weights_only refused a pickled object (e.g. a whole nn.Module)
+        # the weights-only unpickler refused an object (a whole nn.Module, a plain pickle, a crafted file)
         raise RetrofitError(
-            f"weights file {path} holds pickled Python objects, not a plain state dict; retrofit only reads "
-            "tensors (weights_only=True); re-save it with torch.save(model.state_dict(), path)"
+            f"weights file {path} holds pickled Python objects, not a plain state dict; retrofit reads weights "
+            "with torch.load(weights_only=True), so nothing in it was executed; re-save it with "
+            "torch.save(model.state_dict(), path)"
         ) from e
     except EOFError as e:
         raise RetrofitError(f"cannot read weights file {path}: it is empty or truncated") from e

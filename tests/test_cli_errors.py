@@ -411,3 +411,22 @@ def test_weights_with_nan_are_refused(tmp_path):
     result = run("add-eca", "resnet18", "--weights", str(path), "-o", str(tmp_path / "x.safetensors"))
     assert_one_line_error(result, "holds NaN or infinite values in 1 tensor(s) (layer2.0.conv1.weight)")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_plain_and_crafted_pickles_are_refused_in_one_line_without_running_them(tmp_path):
+    import os
+    import pickle
+
+    class Crafted:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    pickle.dump(Crafted(), open(tmp_path / "crafted.pth", "wb"), protocol=4)
+    pickle.dump({"w": torch.zeros(2)}, open(tmp_path / "plain.pth", "wb"), protocol=4)
+    (tmp_path / "noise.pth").write_bytes(bytes(range(7, 107)))
+    for name, message in (("crafted", "nothing in it was executed"), ("plain", "nothing in it was executed"),
+                          ("noise", "not a PyTorch weights file")):
+        proc = subprocess.run(["retrofit", "add-eca", "resnet18", "--weights", str(tmp_path / f"{name}.pth"),
+                               "-o", str(tmp_path / "out.safetensors")], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out.safetensors").exists()
