@@ -14,6 +14,9 @@ the regenerated code becomes the instance's ``forward`` (:class:`retrofit.forwar
 
 from __future__ import annotations
 
+import operator
+
+import torch
 from torch import fx, nn
 
 from .errors import RetrofitError
@@ -50,6 +53,8 @@ def _node(gm: fx.GraphModule, name: str, owner: str) -> fx.Node:
 def _insert(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_path: str) -> None:
     graph = gm.graph
     add = _node(gm, site.add_node, owner_path)
+    if placement in ("standard", "identity") and _fuse(gm, site, attr, placement, owner_path):
+        return
     if placement == "standard":
         branch = _node(gm, site.residual_branch, owner_path)
         shortcut = _node(gm, site.shortcut, owner_path)
@@ -80,6 +85,52 @@ def _insert(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_pat
         with ctx:
             gate = graph.call_module(attr, (unit_input,))
         unit_input.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
+
+
+#: Additions that write into their first operand (``x += y``, ``x.add_(y)``).
+_INPLACE_ADDS = (operator.iadd, "add_")
+
+
+def gated_add(base: torch.Tensor, gated: torch.Tensor, gate: torch.Tensor, into: str | None = None) -> torch.Tensor:
+    """``base + gated · gate`` in one pass over the map (``torch.addcmul``): a gate fused into a residual addition.
+
+    Shapes: ``base`` and ``gated`` ``(N, C, H, W)``, ``gate`` ``(N, C, 1, 1)``. ``into`` (``"base"`` or
+    ``"gated"``) writes the sum into that operand, as the original in-place addition did
+    (timm's ``x += shortcut``), whenever autograd has nothing to record (inference, ``no_grad``);
+    otherwise the sum is a new tensor (``out=`` is not differentiable). Under fx tracing (proxies),
+    always the out-of-place form.
+    """
+    if (
+        into is not None
+        and all(isinstance(t, torch.Tensor) for t in (base, gated, gate))
+        and not (torch.is_grad_enabled() and (base.requires_grad or gated.requires_grad or gate.requires_grad))
+    ):
+        return torch.addcmul(base, gated, gate, out=base if into == "base" else gated)
+    return torch.addcmul(base, gated, gate)
+
+
+def _fuse(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_path: str) -> bool:
+    """Put the gate of ``standard`` (branch) or ``identity`` (shortcut) into the addition itself.
+
+    ``shortcut + branch · gate`` becomes one :func:`gated_add` instead of a multiply that writes a
+    whole map and an addition that reads it again (issue 11: memory traffic, not arithmetic, is
+    ECA's cost). Only when the gated operand feeds the addition directly (a drop-path between
+    them acts on the gated map). Returns False when the site does not fit.
+    """
+    add = _node(gm, site.add_node, owner_path)
+    branch, shortcut = _node(gm, site.residual_branch, owner_path), _node(gm, site.shortcut, owner_path)
+    gated, base = (branch, shortcut) if placement == "standard" else (shortcut, branch)
+    if set(add.args[:2]) != {gated, base} or add.kwargs or gated is base:
+        return False
+    inplace = add.target in _INPLACE_ADDS
+    into = None if not inplace else ("gated" if add.args[0] is gated else "base")
+    gm.get_submodule(attr).fused = True
+    with gm.graph.inserting_before(add):
+        gate = gm.graph.call_module(attr, (gated,))
+        fused = gm.graph.call_function(gated_add, (base, gated, gate), {"into": into} if into else {})
+    add.replace_all_uses_with(fused)
+    gm.graph.erase_node(add)
+    return True
 
 
 def rewrite_owner(owner: nn.Module, plan: list[tuple[Site, str, nn.Module]], placement: str, path: str = "") -> None:
