@@ -42,8 +42,9 @@ def test_recipe_records_source_block_sites_and_versions(se_checkpoint):
     assert (recipe.block, recipe.placement, recipe.init) == ("se", "standard", "paper")
     assert len(recipe.sites) == 8
     assert recipe.sites[0]["owner"] == "layer1.0"
-    assert recipe.sites[0]["options"] == {"rd_channels": 8, "reduction": 8}
-    assert recipe.options == {"reduction": 8}
+    assert recipe.sites[0]["options"] == {"rd_channels": 8, "reduction": 8, "rd_divisor": 8}
+    assert recipe.sites[0]["site"]["add_node"] == "iadd"  # the fx graph is recorded: reloads need no probe
+    assert recipe.options == {"reduction": 8, "rd_divisor": 8}
     assert set(recipe.versions) == {"retrofit", "torch", "torchvision", "timm"}
 
 

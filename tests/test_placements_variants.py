@@ -196,3 +196,33 @@ def test_replace_existing_takes_no_placement():
 def test_replace_existing_without_se_is_an_error():
     with pytest.raises(RetrofitError, match="no squeeze-and-excitation module"):
         retrofit.add_attention(timm.create_model("resnet18"), "eca", replace_existing=True)
+
+
+def test_se_hidden_width_follows_timm_semodule_and_paper_on_request():
+    from timm.layers import SEModule
+
+    from retrofit.blocks import SqueezeExcite
+
+    # timm's own SEModule (rd_ratio 1/16, divisor 8) is the reference, for every C up to 2048
+    assert all(
+        SqueezeExcite.resolve(c, reduction=16)["rd_channels"] == SEModule(c).fc1.out_channels for c in range(1, 2049)
+    )
+    assert SqueezeExcite.resolve(24, reduction=16)["rd_channels"] == 8  # not a single, easily dead unit
+    assert SqueezeExcite.resolve(24, reduction=16, rd_divisor=1)["rd_channels"] == 1  # the paper's C // r
+    model = timm.create_model("resnet18")
+    _, sites = retrofit.add_attention(model, "se", rd_divisor=1, input_size=(3, 64, 64))
+    assert [s.options["rd_channels"] for s in sites] == [4, 4, 8, 8, 16, 16, 32, 32]
+    assert sum(s.params for s in sites) == 89_080  # Σ 2·C·(C//16) + C//16 + C over C = 64, 64, 128, …, 512
+
+
+def test_se_gc_takes_the_largest_divisor_of_each_sites_channels():
+    from retrofit.blocks import SEGroupConv
+
+    model = timm.create_model("mobilenetv2_035")
+    _, sites = retrofit.add_attention(model, "se-gc", input_size=(3, 64, 64))
+    by_c = {s.channels: s.options["groups"] for s in sites}
+    assert by_c == {8: 8, 16: 16, 24: 12, 32: 16, 56: 14}  # 24 and 56 are no multiples of 16
+    assert all(s.params == s.channels**2 // s.options["groups"] for s in sites)  # C²/G each
+    assert SEGroupConv.resolve(7, groups=16) == {"groups": 7}
+    with pytest.raises(retrofit.RetrofitError, match="C=1 has no divisor between 2 and 16"):
+        SEGroupConv.resolve(1, groups=16)
