@@ -1,19 +1,23 @@
-"""Inference latency: retrofit's ECA against timm's hand-written ECA-ResNet and the bare ResNet.
+"""Inference latency: retrofit's SE / ECA against timm's hand-written SE-/ECA-ResNets and the bare ResNets.
 
-Four models, measured in one run, interleaved (a, b, c, d, then b, c, d, a, …) so that load from
-other processes on a shared machine hits all four alike:
+Five models, measured in one run, interleaved (a, b, c, e, f, then b, c, e, f, a, …) so that load
+from other processes on a shared machine hits all alike:
 
 * **a** — timm ``resnet50d`` + ``retrofit.add_attention(model, "eca")`` (identity init);
 * **b** — timm ``ecaresnet50d``: the same math (ECA after ``bn3``, before the addition, same
   adaptive k per stage), written by hand;
 * **c** — timm ``resnet50d`` alone;
-* **d** — **a** with every gate swapped for ``nn.Identity``: the rewritten owners' own cost.
+* **e** — timm ``resnet50`` + ``retrofit.add_attention(model, "se")`` (r = 16);
+* **f** — timm ``seresnet50``: the same SE, written by hand.
 
-Random weights (no download), eval mode, ``torch.inference_mode``, batch 8, 224×224, float32,
-on CPU and, when present, CUDA (timed with CUDA events after a synchronize). Each model gets
-``--warmup`` untimed calls, then ``--repeats`` rounds of one timed call each; the median time
-is reported, and each ratio is the median over rounds of the within-round ratio (calls of one
-round run back to back, so they share the machine's load; goals: a/b ≤ 1.00, a/c ≤ 1.03).
+retrofit fuses each gate into its residual addition (``shortcut + branch · gate`` as one
+``addcmul``, in place under ``inference_mode``); the hand-written models multiply, then add.
+Random weights (no download), eval mode, ``torch.inference_mode``, batch 8, 224×224, float32, in
+the default (NCHW) and the ``channels_last`` memory format, on CPU and, when present, CUDA (timed
+with CUDA events after a synchronize; bfloat16 autocast there). Each model gets ``--warmup``
+untimed calls, then ``--repeats`` rounds of one timed call each; the median time is reported, and
+each ratio is the median over rounds of the within-round ratio (calls of one round run back to
+back, so they share the machine's load). Goals (issue 11): a/b ≤ 0.98, a/c ≤ 1.025, e/f ≤ 0.98.
 
 Usage::
 
@@ -37,27 +41,27 @@ SECTION = "## Inference"
 
 
 def build_models(device: str) -> dict[str, "torch.nn.Module"]:
-    """The four models, in eval mode on ``device``: ``{"a": …, "b": …, "c": …, "d": …}``."""
+    """The five models, in eval mode on ``device``: ``{"a": …, "b": …, "c": …, "e": …, "f": …}``."""
     import timm
     import torch
-    from torch import nn
 
     from retrofit import add_attention
 
     torch.manual_seed(0)
-    base = timm.create_model("resnet50d", pretrained=False)
+    resnet50d, resnet50 = timm.create_model("resnet50d"), timm.create_model("resnet50")
 
-    def retrofitted() -> tuple[nn.Module, list]:
-        model = timm.create_model("resnet50d", pretrained=False)
+    def retrofitted(base, name: str, block: str):
+        model = timm.create_model(name)
         model.load_state_dict(base.state_dict())
-        return add_attention(model, "eca", input_size=(3, 224, 224))
+        return add_attention(model, block, input_size=(3, 224, 224))[0]
 
-    eca_model, _ = retrofitted()
-    bare, inserted = retrofitted()
-    for site in inserted:
-        setattr(bare.get_submodule(site.owner), site.attr, nn.Identity())
-    eca = timm.create_model("ecaresnet50d", pretrained=False)
-    models = {"a": eca_model, "b": eca, "c": base, "d": bare}
+    models = {
+        "a": retrofitted(resnet50d, "resnet50d", "eca"),
+        "b": timm.create_model("ecaresnet50d"),
+        "c": resnet50d,
+        "e": retrofitted(resnet50, "resnet50", "se"),
+        "f": timm.create_model("seresnet50"),
+    }
     return {name: m.to(device).eval() for name, m in models.items()}
 
 
@@ -88,23 +92,29 @@ def timer(device: str) -> Callable[[Callable[[], object]], dict[str, float]]:
     return run_cpu
 
 
-def measure(device: str, batch: int, size: int, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Per clock (``wall``, and ``cpu`` on CPU): the median seconds per forward of each model
-    (keys a, b, c, d), measured interleaved, and the median within-round ratios (keys ``a/b``,
-    ``a/c``, ``d/c``)."""
+RATIOS = (("a", "b", 0.98), ("a", "c", 1.025), ("e", "f", 0.98))
+
+
+def measure(device: str, batch: int, size: int, warmup: int, repeats: int, channels_last: bool) -> dict[str, dict[str, float]]:
+    """Per clock (``wall``, and ``cpu`` on CPU): the median seconds per forward of each model,
+    measured interleaved, and the median within-round ratios (keys ``a/b``, ``a/c``, ``e/f``)."""
+    import contextlib
+
     import torch
 
     models = build_models(device)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last:
+        models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     run = timer(device)
     times: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     names = list(models)
-    with torch.inference_mode():
-        reference = models["c"](x)
-        for name in ("a", "d"):
-            diff = (models[name](x) - reference).abs().max().item()
-            if diff > 1e-5 * max(1.0, reference.abs().max().item()):
-                raise SystemExit(f"model {name}'s outputs differ from resnet50d's by {diff}: identity init is broken")
+    with torch.inference_mode(), autocast:
+        y, want = models["a"](x).float(), models["c"](x).float()  # identity init: a computes what c does
+        if (y - want).abs().max().item() > 1e-2 * max(1.0, want.abs().max().item()):
+            raise SystemExit("a's outputs differ from resnet50d's: identity init is broken")
         for _ in range(warmup):
             for m in models.values():
                 m(x)
@@ -116,10 +126,17 @@ def measure(device: str, batch: int, size: int, warmup: int, repeats: int) -> di
     for clock in times["a"][0]:
         series = {name: [t[clock] for t in ts] for name, ts in times.items()}
         result = {name: statistics.median(ts) for name, ts in series.items()}
-        for num, den in (("a", "b"), ("a", "c"), ("d", "c")):
+        for num, den, _ in RATIOS:
             result[f"{num}/{den}"] = statistics.median(p / q for p, q in zip(series[num], series[den]))
+            result[f"{num}/{den} spread"] = _spread([p / q for p, q in zip(series[num], series[den])])
         results[clock] = result
     return results
+
+
+def _spread(values: list[float]) -> float:
+    """Half the interquartile range of the per-round ratios: how much one round's ratio wanders."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return (q[2] - q[0]) / 2
 
 
 def render(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace, threads: int) -> str:
@@ -131,30 +148,31 @@ def render(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
         SECTION,
         "",
         f"`python benchmarks/inference.py --write docs/benchmarks.md` (batch {args.batch}, {args.size}×{args.size}, "
-        f"float32, eval, `inference_mode`; median of {args.repeats} interleaved rounds after {args.warmup} warm-up "
-        f"calls each; torch {torch.__version__}, timm {timm.__version__}).",
+        f"eval, `inference_mode`; float32 on CPU, bfloat16 autocast on CUDA; median of {args.repeats} interleaved "
+        f"rounds after {args.warmup} warm-up calls each; torch {torch.__version__}, timm {timm.__version__}).",
         "",
         "* **a** — timm `resnet50d` + `retrofit.add_attention(model, \"eca\")`, identity init (16 ECA gates)",
         "* **b** — timm `ecaresnet50d` (the same ECA placement and kernel sizes, hand-written)",
         "* **c** — timm `resnet50d` alone",
-        "* **d** — **a** with its 16 gates swapped for `nn.Identity`: what the rewritten owners themselves cost",
+        "* **e** — timm `resnet50` + `retrofit.add_attention(model, \"se\")`, r = 16",
+        "* **f** — timm `seresnet50` (the same SE, hand-written)",
         "",
-        "Ratios are medians of the ratio within each round (the calls of a round run back to back). On CPU",
-        "the process's CPU time is given too: on one thread it is the latency less the time other",
-        "processes held the core. d/c is what the rewritten owners cost by themselves (their regenerated",
-        "forward keeps `x += shortcut` in place, so it should be 1.00 within noise); a/d is ECA's own",
-        "arithmetic — a mean and a multiply over every gated map — which b pays as well.",
+        "retrofit fuses each gate into the residual addition (`shortcut + branch · gate`, one `addcmul`, in place",
+        "under `inference_mode`), which saves one pass over every gated map; the hand-written models multiply",
+        "and then add. Ratios are medians of the ratio within each round (± half its interquartile range over",
+        "the rounds). On CPU the process's CPU time is given too: on one thread it is the latency less the time",
+        "other processes held the core.",
         "",
-        "| device | clock | a (ms) | b (ms) | c (ms) | d (ms) | a/b (goal ≤ 1.00) | a/c (goal ≤ 1.03) | d/c |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| device | layout | clock | a (ms) | b (ms) | c (ms) | e (ms) | f (ms) | a/b (goal ≤ 0.98) | a/c (goal ≤ 1.025) "
+        "| e/f (goal ≤ 0.98) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for device, clocks in results.items():
+    for (device, layout), clocks in results.items():
         where = f"CPU ({_cpu_name()}), {threads} thread(s)" if device == "cpu" else f"CUDA ({torch.cuda.get_device_name()})"
         for clock, r in clocks.items():
-            lines.append(
-                f"| {where} | {'wall' if clock == 'wall' else 'CPU time'} | {1e3 * r['a']:.1f} | {1e3 * r['b']:.1f} | "
-                f"{1e3 * r['c']:.1f} | {1e3 * r['d']:.1f} | {r['a/b']:.3f} | {r['a/c']:.3f} | {r['d/c']:.3f} |"
-            )
+            ratios = " | ".join(f"{r[f'{n}/{d}']:.3f} ± {r[f'{n}/{d} spread']:.3f}" for n, d, _ in RATIOS)
+            times = " | ".join(f"{1e3 * r[k]:.1f}" for k in "abcef")
+            lines.append(f"| {where} | {layout} | {'wall' if clock == 'wall' else 'CPU time'} | {times} | {ratios} |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped when absent")
+    parser.add_argument("--layouts", default="nchw,channels_last", help="memory formats, comma-separated")
     parser.add_argument("--write", type=Path, help="markdown file whose Inference section to replace")
     args = parser.parse_args(argv)
 
@@ -199,7 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     for device in args.devices.split(","):
         if device == "cuda" and not torch.cuda.is_available():
             continue
-        results[device] = measure(device, args.batch, args.size, args.warmup, args.repeats)
+        for layout in args.layouts.split(","):
+            results[(device, layout)] = measure(
+                device, args.batch, args.size, args.warmup, args.repeats, channels_last=layout == "channels_last"
+            )
     section = render(results, args, torch.get_num_threads())
     print(section)
     if args.write:

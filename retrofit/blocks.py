@@ -44,7 +44,7 @@ def _squeeze(x: torch.Tensor) -> torch.Tensor:
 
 
 class ChannelGate(nn.Module):
-    """Base class: ``forward(x) = x * gate_scale * sigmoid(excite(squeeze(x)))``.
+    """Base class: ``forward(x) = x * gate(x)``, ``gate(x) = gate_scale * sigmoid(excite(squeeze(x)))``.
 
     Subclasses implement :meth:`excite` ``(N, C, 1, 1) → (N, C, 1, 1)`` and the class methods
     :meth:`resolve` (CLI options → constructor kwargs for one site) and :meth:`describe`, and
@@ -62,15 +62,24 @@ class ChannelGate(nn.Module):
         self.init = init
         # 2·sigmoid(0) = 1 exactly in floating point, so an identity-initialised gate is exact.
         self.gate_scale = 2.0 if init == "identity" else 1.0
+        #: True when the owner multiplies by the gate itself, fused into the residual addition.
+        self.fused = False
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel gate of ``x``: ``(N, C, H, W) → (N, C, 1, 1)``, ``gate_scale · sigmoid(excite(squeeze(x)))``."""
         gate = torch.sigmoid(self.excite(_squeeze(x)))
         if self.gate_scale != 1.0:
             gate = gate * self.gate_scale
-        return x * gate
+        return gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x · gate(x)``; or ``gate(x)`` alone when the owner applies it fused with its residual
+        addition (``fused``, set by :func:`retrofit.rewrite.rewrite_owner`)."""
+        gate = self.gate(x)
+        return gate if self.fused else x * gate
 
     @classmethod
     def resolve(cls, channels: int, **options: Any) -> dict[str, Any]:

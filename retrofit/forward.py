@@ -1,6 +1,6 @@
 """The regenerated ``forward`` of a rewritten owner: a callable that survives pickle.
 
-:func:`retrofit.surgery.rewrite_owner` turns an owner's fx graph (with the gates inserted)
+:func:`retrofit.rewrite.rewrite_owner` turns an owner's fx graph (with the gates inserted)
 into Python source. A function bound on the instance would not travel: pickle stores a
 module's class and ``__dict__``, and a bound method pickles as ``getattr(owner, "forward")``,
 which on load finds the *class's* forward, so ``torch.save(model)`` / ``pickle`` / spawn would

@@ -20,7 +20,9 @@ of Swin-style blocks), of attention logits ``(N·heads, …)``, of a tensor and 
 (positional embeddings) or of a scalar are not sites.
 
 Discovery never changes the model: tracing runs Python only, the dummy forward runs in eval
-mode under ``no_grad``, and every module's mode, buffers and attributes are restored.
+mode under ``no_grad``, and every module's mode, buffers and attributes are restored. The
+tracer is :mod:`retrofit.trace`; the probe forward and shape propagation are :mod:`retrofit.probe`;
+this module holds the rules that make an addition a site.
 (The idea of naming nodes by their owning module follows torchvision's
 ``feature_extraction.py``; the shallow, per-owner trace is retrofit's own.)
 """
@@ -28,24 +30,30 @@ mode under ``no_grad``, and every module's mode, buffers and attributes are rest
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import operator
-import re
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import fx, nn
 
-from .errors import RetrofitError
+from .probe import (
+    PROBE_BATCH,
+    ShapeRecorder,
+    capture_inputs,
+    copied,
+    default_input_size,
+    fixed_arguments,
+    inspection_mode,
+    positional_inputs,
+    preserved_state,
+    same_output,
+)
+from .trace import timm_notrace_modules, trace_owner
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
-#: Batch of the dummy input. Two, not one, so that a tensor computed without the batch (a
-#: relative-position bias, a mask) cannot look like an operand of a residual addition.
-PROBE_BATCH = 2
 #: Trailing modules of a residual branch that the gate goes in front of (stochastic depth,
 #: dropout, identity): timm puts SE before ``drop_path`` too.
 _PASS_THROUGH = ("DropPath", "StochasticDepth", "Identity", "Dropout", "Dropout2d")
@@ -104,124 +112,6 @@ class TraceFailure:
     owner: str
     module_type: str
     reason: str
-
-
-#: Augmented assignments. fx's ``Proxy`` has no ``__iadd__`` & co., so Python falls back to
-#: ``x = x + y`` and the regenerated code would allocate a new tensor where the original wrote
-#: in place (one feature map per residual unit: measurably slower on CPU), and a module that
-#: updates a tensor in place would silently stop doing so.
-_INPLACE_OPERATORS = (
-    "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
-    "iand", "ior", "ixor", "ilshift", "irshift",
-)
-
-
-class InplaceProxy(fx.Proxy):
-    """A ``Proxy`` that records ``x += y`` as ``operator.iadd(x, y)`` (and likewise for the
-    other augmented assignments); fx's code generator writes it back as ``x += y``."""
-
-
-def _define_inplace(name: str) -> None:
-    target = getattr(operator, name)
-
-    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", target, (self, other), {})
-
-    method.__name__ = f"__{name}__"
-    setattr(InplaceProxy, method.__name__, method)
-
-
-for _name in _INPLACE_OPERATORS:
-    _define_inplace(_name)
-
-
-class OwnerTracer(fx.Tracer):
-    """Traces one module's own forward; every child module is a leaf.
-
-    timm's registered non-traceable functions (``timm.layers._fx``) are wrapped as leaf calls.
-    Augmented assignments stay in place (:class:`InplaceProxy`), so the regenerated forward
-    allocates and aliases exactly as the original.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(autowrap_functions=_timm_notrace_functions())
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return InplaceProxy(node, self)
-
-
-def _timm_notrace_functions() -> tuple:
-    try:
-        from timm.layers._fx import get_notrace_functions
-    except ImportError:  # timm is a dependency; tolerate very old or new layouts
-        return ()
-    return tuple(get_notrace_functions())
-
-
-def _timm_notrace_modules() -> tuple[type, ...]:
-    try:
-        from timm.layers._fx import get_notrace_modules
-    except ImportError:
-        return ()
-    return tuple(get_notrace_modules())
-
-
-@contextmanager
-def preserved_attributes(module: nn.Module) -> Iterator[None]:
-    """Undo what tracing does to a module's attributes: fx stores tensor constants as
-    ``_tensor_constantN``, and code that caches on first call keeps proxies in attributes
-    (torchvision's ``MultiScaleRoIAlign`` sets ``self.scales``): every entry of ``__dict__``,
-    ``_buffers``, ``_parameters`` and ``_modules`` is put back as it was, new ones removed."""
-    stores = (module.__dict__, module._buffers, module._parameters, module._modules)
-    before = [dict(store) for store in stores]
-    try:
-        yield
-    finally:
-        for store, saved in zip(stores, before):
-            store.clear()
-            store.update(saved)
-
-
-def trace_owner(
-    module: nn.Module, training: bool | None = None, fixed_args: dict[str, Any] | None = None
-) -> fx.GraphModule:
-    """Shallow fx graph of ``module.forward`` (children are leaves), in the given mode.
-
-    ``fixed_args`` (see :attr:`Site.fixed_args`) are traced as constants (fx ``concrete_args``,
-    guarded by an assert in the generated code); the forward keeps their parameter names, so
-    keyword calls still work.
-
-    Returns a ``GraphModule`` that shares ``module``'s children and parameters; the tensor
-    constants that fx made while tracing live on the GraphModule only. ``module`` is left
-    exactly as it was. Raises whatever fx raises for untraceable code.
-    """
-    with preserved_attributes(module):
-        before = set(module.__dict__) | set(module._buffers)
-        if training is not None:
-            module.training = training
-        graph = OwnerTracer().trace(module, concrete_args=dict(fixed_args) if fixed_args else None)
-        constants = {k: getattr(module, k) for k in (set(module.__dict__) | set(module._buffers)) - before}
-    for node in graph.nodes:
-        # fx renames a fixed argument's placeholder (`shortcut_1`); keep the parameter's name
-        if node.op == "placeholder" and fixed_args:
-            name = re.sub(r"_\d+$", "", str(node.target))
-            if name in fixed_args and node.target != name:
-                node.target = name
-    root: dict[str, Any] = dict(constants)
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr") and node.target not in root:
-            root[node.target] = _get_path(module, node.target)
-    return fx.GraphModule(root, graph, class_name=type(module).__name__)
-
-
-def _get_path(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -325,187 +215,10 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]
     also whole residual blocks such as ``NormFreeBlock``, ``MobileVitBlock``): their own
     forward is still tried, shallowly, and a failure is expected rather than reported.
     """
-    notrace = _timm_notrace_modules()
+    notrace = timm_notrace_modules()
     for path, module in model.named_modules():
         if not type(module).__module__.startswith("torch.nn"):
             yield path, module, bool(notrace) and isinstance(module, notrace)
-
-
-@contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Every module's mode and every buffer's value restored on exit.
-
-    Tracing executes Python: a child traced in train mode runs real code on real buffers (timm's
-    ``BatchNormAct2d`` adds 1 to ``num_batches_tracked`` while being traced), so discovery and
-    insertion run inside this guard.
-    """
-    modes = {m: m.training for m in model.modules()}
-    buffers = {id(b): (b, b.detach().clone()) for b in model.buffers()}
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        with torch.no_grad():
-            for b, saved in buffers.values():
-                b.copy_(saved)
-
-
-@contextmanager
-def inspection_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and ``no_grad`` for a look inside; every module's mode and every buffer restored."""
-    with preserved_state(model):
-        model.eval()
-        with torch.no_grad():
-            yield
-
-
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` the model expects: timm's ``pretrained_cfg['input_size']``, else (3, 224, 224)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    return tuple(size) if size else (3, 224, 224)
-
-
-def takes_image_list(model: nn.Module) -> bool:
-    """Whether ``model`` takes a list of ``(C, H, W)`` images rather than one ``(N, C, H, W)`` batch.
-
-    torchvision's detection models (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS, SSD, SSDlite)
-    resize and batch their inputs themselves with a ``GeneralizedRCNNTransform`` at ``.transform``.
-    """
-    return type(getattr(model, "transform", None)).__name__ == "GeneralizedRCNNTransform"
-
-
-def probe_input(
-    model: nn.Module, input_size: Sequence[int], batch: int = PROBE_BATCH, seed: int = 0
-) -> torch.Tensor | list[torch.Tensor]:
-    """A seeded random input of the kind ``model`` takes, on its device and in its dtype.
-
-    ``(batch, C, H, W)``, or for a detector (see :func:`takes_image_list`) a list of ``batch``
-    images ``(C, H, W)``.
-    """
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-    return list(x) if takes_image_list(model) else x
-
-
-def _capture_inputs(
-    model: nn.Module, owners: dict[str, nn.Module], input_size: tuple[int, int, int]
-) -> tuple[dict[str, tuple], dict[str, int]]:
-    captured: dict[str, tuple] = {}
-    calls: dict[str, int] = {path: 0 for path in owners}
-    handles = []
-    for path, module in owners.items():
-
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
-            calls[path] += 1
-            captured.setdefault(path, (args, kwargs))
-
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        x = probe_input(model, input_size)
-        try:
-            model(x)
-        except Exception as e:
-            raise RetrofitError(
-                f"a forward pass with input ({PROBE_BATCH}, {', '.join(map(str, input_size))}) failed: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; try --input-size"
-            ) from e
-    finally:
-        for h in handles:
-            h.remove()
-    return captured, calls
-
-
-def positional_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
-    """The call's arguments in ``forward``'s parameter order (fx placeholders are positional)."""
-    if not kwargs:
-        return list(args)
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return list(bound.arguments.values())
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs a shallow owner graph and records the shape of every tensor node."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.shapes: dict[fx.Node, torch.Size] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor):
-            self.shapes[n] = out.shape
-        return out
-
-    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        # The regenerated forward passes list arguments as fresh literals, which a child may
-        # append to (timm's SequentialAppendList); fx's interpreter would pass immutable lists.
-        return super().call_module(target, _copied(args, tensors=False), _copied(kwargs, tensors=False))
-
-
-def _copied(value: Any, tensors: bool = True) -> Any:
-    """``value`` with fresh lists/tuples/dicts all the way down (and cloned tensors, if ``tensors``)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone() if tensors else value
-    if isinstance(value, dict):
-        return {k: _copied(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        items = [_copied(v, tensors) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
-
-
-def same_output(expected: Any, got: Any) -> bool:
-    """Whether two module outputs agree: same structure (tensors, lists, tuples, dicts), integer
-    tensors equal, floating ones within 1e-5 of the expected's scale, NaNs in the same places."""
-    if isinstance(expected, torch.Tensor):
-        if not isinstance(got, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
-            return False
-        if not expected.is_floating_point():
-            return torch.equal(expected, got)
-        a, b = expected.detach().double(), got.detach().double()
-        if not torch.equal(a.isnan(), b.isnan()):
-            return False
-        a, b = a.nan_to_num(), b.nan_to_num()
-        scale = max(1.0, a.abs().max().item()) if a.numel() else 1.0
-        return a.numel() == 0 or (a - b).abs().max().item() <= 1e-5 * scale
-    if isinstance(expected, dict):
-        return isinstance(got, dict) and expected.keys() == got.keys() and all(
-            same_output(expected[k], got[k]) for k in expected
-        )
-    if isinstance(expected, (list, tuple)):
-        return (
-            isinstance(got, (list, tuple))
-            and len(expected) == len(got)
-            and all(same_output(e, g) for e, g in zip(expected, got))
-        )
-    try:
-        return bool(expected == got)
-    except Exception:
-        return False
-
-
-def fixed_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The ``None``/``bool`` arguments of a call, by parameter name (see :attr:`Site.fixed_args`).
-
-    The first parameter (the input) and ``*args``/``**kwargs``/keyword-only ones are never fixed.
-    """
-    try:
-        signature = inspect.signature(module.forward)
-        bound = signature.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return {}
-    bound.apply_defaults()
-    fixed = {}
-    for i, (name, value) in enumerate(bound.arguments.items()):
-        kind = signature.parameters[name].kind
-        if i > 0 and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and (value is None or isinstance(value, bool)):
-            fixed[name] = value
-    return fixed
 
 
 def _first_line(e: BaseException) -> str:
@@ -615,7 +328,7 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
         return [], failures
     sites: list[Site] = []
     with inspection_mode(model):
-        captured, calls = _capture_inputs(model, owners, input_size)
+        captured, calls = capture_inputs(model, owners, input_size)
         for path, module in owners.items():
 
             def fail(reason: str, path: str = path, module: nn.Module = module) -> None:
@@ -645,15 +358,15 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
             if calls[path] > 1:
                 fail("module is called more than once per forward")
                 continue
-            recorder = _ShapeRecorder(gm)
+            recorder = ShapeRecorder(gm)
             try:
-                output = recorder.run(*_copied(positional_inputs(module, args, kwargs)))
+                output = recorder.run(*copied(positional_inputs(module, args, kwargs)))
             except Exception as e:
                 fail(f"shape propagation failed: {_first_line(e)}")
                 continue
             # A graph that does not compute what the module computes (Python-side state, a
             # child that mutates an argument the owner reads again) must never be rewritten.
-            if not same_output(module(*_copied(args), **_copied(kwargs)), output):
+            if not same_output(module(*copied(args), **copied(kwargs)), output):
                 fail("its traced graph does not reproduce its output (Python-side state or in-place argument updates)")
                 continue
             shapes = recorder.shapes

@@ -10,12 +10,8 @@ value, and its train/eval behaviour: children (BatchNorm, dropout, drop-path) ar
 leaves, and an owner whose own code branches on ``self.training`` gets both traced graphs,
 chosen at call time.
 
-Placements (SE paper, arXiv 1709.01507, §6.5 "integration strategy", Fig. 5):
-
-* ``standard`` — on the residual branch, just before the addition (before drop-path);
-* ``pre`` — on the unit's input, so branch and shortcut both see the recalibrated map;
-* ``post`` — on the sum, before whatever follows the addition (e.g. the final ReLU);
-* ``identity`` — on the shortcut, after its projection when there is one.
+The placements (``standard``, ``pre``, ``post``, ``identity``; SE paper §6.5) and the rewrite of
+one owner are :mod:`retrofit.rewrite`; this module chooses the sites and plans the blocks.
 """
 
 from __future__ import annotations
@@ -26,12 +22,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from torch import fx, nn
+from torch import nn
 
 from .blocks import block_class, create_block
 from .errors import RetrofitError
-from .forward import RewrittenForward, portable_code
-from .graph import Site, TraceFailure, default_input_size, find_sites, preserved_state, stages_measurable, trace_owner
+from .graph import Site, TraceFailure, find_sites, stages_measurable
+from .probe import default_input_size, preserved_state
+from .rewrite import free_names, rewrite_owner
 
 PLACEMENTS = ("standard", "pre", "post", "identity")
 #: Attribute that marks a rewritten owner; holds its :class:`InsertedSite` list.
@@ -255,7 +252,7 @@ def apply_plan(
         owner = model.get_submodule(owner_path)
         for i in indices:
             blocks[i].train(owner.training)
-        attrs = _free_names(owner, block.replace("-", "_"), len(indices))
+        attrs = free_names(owner, block.replace("-", "_"), len(indices))
         rewrite_owner(owner, [(planned[i][0], attrs[j], blocks[i]) for j, i in enumerate(indices)], placement)
         mine = []
         for j, i in enumerate(indices):
@@ -324,98 +321,3 @@ def _kernel_per_stage(kernel_size: int | Sequence[int] | None, sites: list[Site]
         )
     table = dict(zip(stages, kernel_size))
     return lambda stage: table[stage]
-
-
-def _free_names(owner: nn.Module, base: str, count: int) -> list[str]:
-    """Child names for new blocks: ``eca``, ``eca_1``, … (a ``None`` placeholder such as timm's
-    ``self.se = None`` is taken over, so timm ``seresnet`` weights load under the same keys)."""
-    names: list[str] = []
-    i = 0
-    while len(names) < count:
-        name = base if i == 0 else f"{base}_{i}"
-        i += 1
-        taken = name in owner._modules and owner._modules[name] is not None
-        taken = taken or (name not in owner._modules and getattr(owner, name, None) is not None)
-        taken = taken or name in owner._parameters or name in owner._buffers
-        if not taken:
-            names.append(name)
-    return names
-
-
-def _node(gm: fx.GraphModule, name: str, owner: str) -> fx.Node:
-    for node in gm.graph.nodes:
-        if node.name == name:
-            return node
-    raise RetrofitError(
-        f"cannot rewrite {owner or '<root>'}: its forward takes a different path in train and eval mode"
-    )
-
-
-def _insert(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_path: str) -> None:
-    graph = gm.graph
-    add = _node(gm, site.add_node, owner_path)
-    if placement == "standard":
-        branch = _node(gm, site.residual_branch, owner_path)
-        shortcut = _node(gm, site.shortcut, owner_path)
-        consumer = add
-        while branch not in consumer.args:  # the gate goes before trailing drop-path / identity
-            # follow the branch side: the shortcut may be a module call too (EdgeNeXt's conv_dw)
-            consumer = next(a for a in consumer.args if isinstance(a, fx.Node) and a is not shortcut)
-        with graph.inserting_after(branch):
-            gate = graph.call_module(attr, (branch,))
-        consumer.replace_input_with(branch, gate)
-    elif placement == "identity":
-        shortcut = _node(gm, site.shortcut, owner_path)
-        with graph.inserting_before(add):
-            gate = graph.call_module(attr, (shortcut,))
-        add.replace_input_with(shortcut, gate)
-    elif placement == "post":
-        with graph.inserting_after(add):
-            gate = graph.call_module(attr, (add,))
-        add.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
-    else:  # pre
-        unit_input = _node(gm, site.unit_input, owner_path)
-        anchor = unit_input
-        if unit_input.op == "placeholder":
-            anchor = next(n for n in graph.nodes if n.op != "placeholder")
-            ctx = graph.inserting_before(anchor)
-        else:
-            ctx = graph.inserting_after(anchor)
-        with ctx:
-            gate = graph.call_module(attr, (unit_input,))
-        unit_input.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
-
-
-def rewrite_owner(owner: nn.Module, plan: list[tuple[Site, str, nn.Module]], placement: str, path: str = "") -> None:
-    """Insert ``plan``'s blocks into ``owner``'s forward and register them as its children.
-
-    ``plan`` holds ``(site, attr, block)`` per site of this owner. The owner's class is kept;
-    its ``forward`` becomes the regenerated graph code (one per mode when train and eval
-    graphs differ). Raises :class:`RetrofitError` when the owner cannot be re-traced.
-    """
-    owner_path = plan[0][0].owner if plan else path
-    try:
-        fixed = dict(plan[0][0].fixed_args) if plan else None
-        modes = {mode: trace_owner(owner, training=mode, fixed_args=fixed) for mode in (True, False)}
-    except Exception as e:
-        raise RetrofitError(f"cannot re-trace {owner_path or '<root>'}: {str(e).splitlines()[0]}") from e
-    for gm in modes.values():
-        for site, attr, block in plan:
-            gm.add_submodule(attr, block)
-            _insert(gm, site, attr, placement, owner_path)
-        gm.graph.lint()
-    for site, attr, block in plan:
-        if attr in owner.__dict__:  # a `None` placeholder attribute (timm's `self.se = None`)
-            del owner.__dict__[attr]
-        owner.add_module(attr, block)
-    for gm in modes.values():
-        for name, value in gm.__dict__.get("_buffers", {}).items():
-            if name.startswith("_tensor_constant") and not hasattr(owner, name):
-                owner.register_buffer(name, value, persistent=False)
-        for name, value in gm.__dict__.items():
-            if name.startswith("_tensor_constant") and not hasattr(owner, name):
-                owner.register_buffer(name, value, persistent=False)
-    codes = {mode: portable_code(gm.graph) for mode, gm in (("train", modes[True]), ("eval", modes[False]))}
-    if codes["train"][0] == codes["eval"][0]:
-        codes = {"any": codes["eval"]}
-    owner.forward = RewrittenForward(owner, codes)

@@ -68,7 +68,7 @@ def check_rebuild(model: nn.Module, recipe: Recipe) -> None:
             and how to build the model so that it can be recorded.
     """
     from .checkpoint import rebuild
-    from .graph import default_input_size, inspection_mode, probe_input, same_output
+    from .probe import default_input_size, inspection_mode, probe_input, same_output
     from .models import load_state_dict_strict
 
     digest = _recipe_digest(recipe)

@@ -41,7 +41,7 @@ def test_se_placements_exact_params_and_identity_outputs(resnet50, placement):
         assert [s.channels for s in sites[:2]] == [64, 256]
 
 
-@pytest.mark.parametrize("placement", ["pre", "post", "identity"])
+@pytest.mark.parametrize("placement", ["standard", "pre", "post", "identity"])
 def test_paper_init_placements_change_outputs_and_train(resnet50, placement):
     model, _ = retrofit.add_attention(copy.deepcopy(resnet50), "eca", placement=placement, init="paper")
     x = torch.randn(2, 3, 64, 64)
@@ -112,12 +112,12 @@ def test_se_var1_cannot_start_as_identity(resnet50):
         retrofit.add_attention(copy.deepcopy(resnet50), "se-var1")
 
 
-def test_se_gc_groups_must_divide_channels(resnet50):
+def test_se_gc_groups_divide_each_sites_channels(resnet50):
     model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "se-gc", groups=64)
     assert _count(model) - 25_557_032 == 20_119_552 // 64
     assert sites[0].options == {"groups": 64}
-    with pytest.raises(RetrofitError, match="divisor"):
-        retrofit.add_attention(copy.deepcopy(resnet50), "se-gc", groups=3)
+    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "se-gc", groups=3)
+    assert {s.options["groups"] for s in sites} == {2}  # every C is a power of two: 2 is the largest divisor ≤ 3
 
 
 def test_include_layer4_gives_three_sites(resnet50):

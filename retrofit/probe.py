@@ -1,0 +1,198 @@
+"""The probe forward: a seeded dummy input of the kind a model takes, and what one forward shows.
+
+Discovery runs the model once in eval mode under ``no_grad`` (:func:`inspection_mode`), records
+each candidate owner's real call arguments (:func:`capture_inputs`), and replays an owner's
+graph on them to learn every tensor's shape (:class:`ShapeRecorder`). Every buffer, mode and
+attribute is put back afterwards (:func:`preserved_state`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import RetrofitError
+#: Batch of the dummy input. Two, not one, so that a tensor computed without the batch (a
+#: relative-position bias, a mask) cannot look like an operand of a residual addition.
+PROBE_BATCH = 2
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Every module's mode and every buffer's value restored on exit.
+
+    Tracing executes Python: a child traced in train mode runs real code on real buffers (timm's
+    ``BatchNormAct2d`` adds 1 to ``num_batches_tracked`` while being traced), so discovery and
+    insertion run inside this guard.
+    """
+    modes = {m: m.training for m in model.modules()}
+    buffers = {id(b): (b, b.detach().clone()) for b in model.buffers()}
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers.values():
+                b.copy_(saved)
+
+
+@contextmanager
+def inspection_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and ``no_grad`` for a look inside; every module's mode and every buffer restored."""
+    with preserved_state(model):
+        model.eval()
+        with torch.no_grad():
+            yield
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` the model expects: timm's ``pretrained_cfg['input_size']``, else (3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(size) if size else (3, 224, 224)
+
+
+def takes_image_list(model: nn.Module) -> bool:
+    """Whether ``model`` takes a list of ``(C, H, W)`` images rather than one ``(N, C, H, W)`` batch.
+
+    torchvision's detection models (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS, SSD, SSDlite)
+    resize and batch their inputs themselves with a ``GeneralizedRCNNTransform`` at ``.transform``.
+    """
+    return type(getattr(model, "transform", None)).__name__ == "GeneralizedRCNNTransform"
+
+
+def probe_input(
+    model: nn.Module, input_size: Sequence[int], batch: int = PROBE_BATCH, seed: int = 0
+) -> torch.Tensor | list[torch.Tensor]:
+    """A seeded random input of the kind ``model`` takes, on its device and in its dtype.
+
+    ``(batch, C, H, W)``, or for a detector (see :func:`takes_image_list`) a list of ``batch``
+    images ``(C, H, W)``.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    return list(x) if takes_image_list(model) else x
+
+
+def capture_inputs(
+    model: nn.Module, owners: dict[str, nn.Module], input_size: tuple[int, int, int]
+) -> tuple[dict[str, tuple], dict[str, int]]:
+    captured: dict[str, tuple] = {}
+    calls: dict[str, int] = {path: 0 for path in owners}
+    handles = []
+    for path, module in owners.items():
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
+            calls[path] += 1
+            captured.setdefault(path, (args, kwargs))
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        x = probe_input(model, input_size)
+        try:
+            model(x)
+        except Exception as e:
+            raise RetrofitError(
+                f"a forward pass with input ({PROBE_BATCH}, {', '.join(map(str, input_size))}) failed: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; try --input-size"
+            ) from e
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, calls
+
+
+def positional_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
+    """The call's arguments in ``forward``'s parameter order (fx placeholders are positional)."""
+    if not kwargs:
+        return list(args)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+class ShapeRecorder(fx.Interpreter):
+    """Runs a shallow owner graph and records the shape of every tensor node."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, torch.Size] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = out.shape
+        return out
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        # The regenerated forward passes list arguments as fresh literals, which a child may
+        # append to (timm's SequentialAppendList); fx's interpreter would pass immutable lists.
+        return super().call_module(target, copied(args, tensors=False), copied(kwargs, tensors=False))
+
+
+def copied(value: Any, tensors: bool = True) -> Any:
+    """``value`` with fresh lists/tuples/dicts all the way down (and cloned tensors, if ``tensors``)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if tensors else value
+    if isinstance(value, dict):
+        return {k: copied(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        items = [copied(v, tensors) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def same_output(expected: Any, got: Any) -> bool:
+    """Whether two module outputs agree: same structure (tensors, lists, tuples, dicts), integer
+    tensors equal, floating ones within 1e-5 of the expected's scale, NaNs in the same places."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
+            return False
+        if not expected.is_floating_point():
+            return torch.equal(expected, got)
+        a, b = expected.detach().double(), got.detach().double()
+        if not torch.equal(a.isnan(), b.isnan()):
+            return False
+        a, b = a.nan_to_num(), b.nan_to_num()
+        scale = max(1.0, a.abs().max().item()) if a.numel() else 1.0
+        return a.numel() == 0 or (a - b).abs().max().item() <= 1e-5 * scale
+    if isinstance(expected, dict):
+        return isinstance(got, dict) and expected.keys() == got.keys() and all(
+            same_output(expected[k], got[k]) for k in expected
+        )
+    if isinstance(expected, (list, tuple)):
+        return (
+            isinstance(got, (list, tuple))
+            and len(expected) == len(got)
+            and all(same_output(e, g) for e, g in zip(expected, got))
+        )
+    try:
+        return bool(expected == got)
+    except Exception:
+        return False
+
+
+def fixed_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The ``None``/``bool`` arguments of a call, by parameter name (see :attr:`Site.fixed_args`).
+
+    The first parameter (the input) and ``*args``/``**kwargs``/keyword-only ones are never fixed.
+    """
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    bound.apply_defaults()
+    fixed = {}
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        kind = signature.parameters[name].kind
+        if i > 0 and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and (value is None or isinstance(value, bool)):
+            fixed[name] = value
+    return fixed
