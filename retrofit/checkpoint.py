@@ -292,13 +292,21 @@ def load_target(
     pretrained: bool = True,
     weights: str | os.PathLike | None = None,
     map_location: str | torch.device = "cpu",
+    num_classes: int | None = None,
 ) -> nn.Module:
-    """A retrofit checkpoint (``*.safetensors``) or a model name (see :func:`retrofit.load_model`)."""
+    """A retrofit checkpoint (``*.safetensors``) or a model name (see :func:`retrofit.load_model`).
+
+    ``num_classes`` builds a model name's classifier with that many classes (a checkpoint has its
+    own: giving it is a :class:`RetrofitError`).
+    """
     if is_checkpoint(target):
         if weights is not None:
             raise RetrofitError("--weights applies to a model name, not to a checkpoint")
+        if num_classes is not None:
+            raise RetrofitError("--num-classes applies to a model name; a checkpoint has its own classifier")
         return load_checkpoint(target, map_location)
     from .models import load_model
 
-    model, _, _ = load_model(str(target), pretrained=pretrained, weights=weights)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model, _, _ = load_model(str(target), pretrained=pretrained, weights=weights, **kwargs)
     return model.to(map_location)

@@ -277,3 +277,23 @@ def test_pre_placement_on_a_list_input_is_refused_at_insertion():
     with pytest.raises(RetrofitError, match="placement 'pre' gates the residual unit's input, which at unit is not"):
         retrofit.add_attention(model, "eca", placement="pre", input_size=(3, 32, 32))
     assert not any(isinstance(m, ChannelGate) for m in model.modules())
+
+
+def test_every_model_building_command_takes_num_classes(photos, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from retrofit.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", "resnet18", str(photos[0]), "--no-pretrained", "--num-classes", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads(result.stdout)["predictions"][0]["classes"]) == [0, 1, 2]
+    result = runner.invoke(app, ["sites", "resnet18", "--num-classes", "3", "--json"])
+    assert result.exit_code == 0 and len(json.loads(result.stdout)["sites"]) == 8
+    out = tmp_path / "r18.safetensors"
+    assert runner.invoke(app, ["add-se", "resnet18", "--no-pretrained", "--num-classes", "3", "-o", str(out)]).exit_code == 0
+    assert retrofit.load_checkpoint(out).fc.out_features == 3
+    result = runner.invoke(app, ["predict", str(out), str(photos[0]), "--num-classes", "3"])
+    assert result.exit_code == 2 and "--num-classes applies to a model name" in result.output

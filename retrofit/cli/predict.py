@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .add import JsonOpt, NoPretrainedOpt, WeightsOpt, check_weight_flags
+from .add import JsonOpt, NoPretrainedOpt, NumClassesOpt, WeightsOpt, check_weight_flags
 from .app import app, fail, handle_errors
 
 
@@ -29,16 +29,20 @@ def predict(
     top: Annotated[int, typer.Option("--top", min=1, help="How many classes to show per image.")] = 5,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,
+    num_classes: NumClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the top-k classes of each image (timm preprocessing from the model's data config)."""
+    from ..limits import check_block_numbers
+
+    check_block_numbers(num_classes=num_classes)
     check_images(images)
     check_weight_flags(target, weights, no_pretrained, "--weights", "TARGET")
     from ..checkpoint import load_target
     from ..predict import predict as run
     from ..predict import random_weights
 
-    model = load_target(target, pretrained=not no_pretrained, weights=weights)
+    model = load_target(target, pretrained=not no_pretrained, weights=weights, num_classes=num_classes)
     if random_weights(model):
         typer.echo(f"warning: {target} has random weights (made with --no-pretrained, never trained): "
                    "its predictions mean nothing", err=True)
@@ -70,9 +74,13 @@ def compare(
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights for BASE when it is a model name.")] = None,
     other_weights: Annotated[Optional[Path], typer.Option("--other-weights", help="Local weights for OTHER when it is a model name.")] = None,
     no_pretrained: NoPretrainedOpt = False,
+    num_classes: NumClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-k of BASE and OTHER side by side, the max |Δ logit|, and whether the top-k agree."""
+    from ..limits import check_block_numbers
+
+    check_block_numbers(num_classes=num_classes)
     check_images(images)
     from ..checkpoint import is_checkpoint, load_target
     from ..errors import RetrofitError
@@ -86,9 +94,11 @@ def compare(
     if no_pretrained and is_checkpoint(base) and is_checkpoint(other):
         fail("--no-pretrained applies to a model name; BASE and OTHER are both checkpoints")
     paths = [str(p) for p in images]
-    base_model = load_target(base, pretrained=not no_pretrained, weights=weights)
+    n = {} if num_classes is None else {"num_classes": num_classes}  # for whichever is a model name
+    base_model = load_target(base, pretrained=not no_pretrained, weights=weights, **({} if is_checkpoint(base) else n))
     try:
-        other_model = load_target(other, pretrained=not no_pretrained, weights=other_weights)
+        other_model = load_target(other, pretrained=not no_pretrained, weights=other_weights,
+                                  **({} if is_checkpoint(other) else n))
     except RetrofitError as e:  # its hints name --weights, which is BASE's here
         raise RetrofitError(str(e).replace("--weights FILE", "--other-weights FILE")) from e
     a, b = run(base_model, paths, top=top), run(other_model, paths, top=top)
