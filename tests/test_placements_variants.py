@@ -41,7 +41,7 @@ def test_se_placements_exact_params_and_identity_outputs(resnet50, placement):
         assert [s.channels for s in sites[:2]] == [64, 256]
 
 
-@pytest.mark.parametrize("placement", ["standard", "pre", "post", "identity"])
+@pytest.mark.parametrize("placement", ["pre", "post", "identity"])  # standard (fused): tests/test_fused_gate.py
 def test_paper_init_placements_change_outputs_and_train(resnet50, placement):
     model, _ = retrofit.add_attention(copy.deepcopy(resnet50), "eca", placement=placement, init="paper")
     x = torch.randn(2, 3, 64, 64)
