@@ -217,7 +217,8 @@ def test_latency_delta_inside_the_run_spread_is_called_no_difference():
     import dataclasses
 
     from retrofit.cli.report import _latency_spread
-    from retrofit.profile import Latency, TargetReport
+    from retrofit.profiling.latency import Latency
+    from retrofit.profiling.report import TargetReport
 
     counted = profile(nn.Conv2d(3, 8, 3), (3, 16, 16))
 

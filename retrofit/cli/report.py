@@ -80,7 +80,7 @@ def params_flops(
     if per_site and not is_checkpoint(target):
         fail(f"--per-site needs a retrofit checkpoint (.safetensors); {target} has no inserted blocks "
              f"(`retrofit sites {target}` lists its residual sites)")
-    from ..profile import profile_target
+    from ..profiling.report import profile_target
 
     report = profile_target(target, tuple(size) if size is not None else None, batch_size, pretrained=not no_pretrained,
                             weights=str(weights) if weights is not None else None, latency=latency)

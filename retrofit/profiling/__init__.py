@@ -1,0 +1,13 @@
+"""The parts of :mod:`retrofit.profile`, one concept per module.
+
+* :mod:`.rules` — the counting rules: which aten op costs what (element operations, data movement).
+* :mod:`.counter` — one counted forward pass: ``FlopCounterMode`` with those rules, plus a recorder
+  of every op that ran, so an op without a rule is reported instead of dropped.
+* :mod:`.probe` — the probe input, eval mode under ``no_grad``, and the forward call itself.
+* :mod:`.costs` — the row types: :class:`.costs.Cost` and :class:`.costs.ModuleCost`.
+* :mod:`.sites` — one row per inserted attention block of a retrofitted model.
+* :mod:`.latency` — forward-pass wall time.
+* :mod:`.report` — the CLI's target: a model name, or a checkpoint beside its base architecture.
+
+:func:`retrofit.profile` (module ``retrofit/profile.py``) puts them together.
+"""
