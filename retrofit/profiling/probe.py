@@ -58,9 +58,18 @@ class EvalNoGrad:
 
 
 def forward(model: nn.Module, x: torch.Tensor) -> None:
-    """``model(x)``; any failure becomes one :class:`RetrofitError` line naming the input shape and a hint."""
+    """``model(x)``; any failure becomes one :class:`RetrofitError` line naming the input shape and a hint.
+
+    An ``nn.MultiheadAttention`` takes query, key and value: it gets self-attention on the tokens
+    ``x`` ``(N, L, E)`` (as ``(L, N, E)`` unless ``batch_first``), with ``need_weights=False`` as
+    ``nn.TransformerEncoderLayer`` and torchvision's ViT call it.
+    """
     try:
-        model(x)
+        if isinstance(model, nn.MultiheadAttention):
+            tokens = x if model.batch_first else x.transpose(0, 1)
+            model(tokens, tokens, tokens, need_weights=False)
+        else:
+            model(x)
     except RetrofitError:
         raise
     except Exception as e:

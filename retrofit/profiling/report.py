@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+from torch import nn
+
+from ..checkpoint import is_checkpoint, load_target, read_recipe
+from ..models import ModelSpec, build, load_model, parse_name
 from ..profile import Profile, profile
 from .latency import measure_latencies
 from .probe import check_size
 
 
 #: Keys of :meth:`TargetReport.to_dict` ``delta`` / ``delta_percent`` (stable; see docs/profile.md).
-DELTA_KEYS = ("params", "trainable_params", "macs", "flops", "element_ops", "latency_ms")
+DELTA_KEYS = ("params", "trainable_params", "macs", "flops", "fvcore_macs", "element_ops", "latency_ms")
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,13 @@ class TargetReport:
             "delta": self.delta(),
             "delta_percent": self.delta_percent(),
             "latency_delta_measured": self.latency_delta_measured(),
+            "uncounted_ops": self.uncounted_ops(),
         }
+
+    def uncounted_ops(self) -> dict[str, int]:
+        """Ops that ran without a counting rule in the target or its base: name → calls (in no total)."""
+        base = self.base.uncounted_ops if self.base else {}
+        return dict(sorted({**base, **self.model.uncounted_ops}.items()))
 
 
 def _metric(p: Profile, key: str) -> float | int | None:
@@ -98,24 +108,26 @@ def profile_target(
 ) -> TargetReport:
     """Profile a model name, or a retrofit checkpoint together with its base architecture.
 
-    A checkpoint (``*.safetensors``) is loaded with :func:`retrofit.load_checkpoint`; its base is
-    the recipe's source architecture built without blocks and without weights (weights do not
-    change any count). A model name is resolved by :func:`retrofit.load_model` with
-    ``pretrained`` / ``weights``. ``input_size`` ``None``: ``(3, 224, 224)``, or for a checkpoint
-    written by ``retrofit finetune`` the input size it was trained at (its recorded data config).
+    Counts need the architecture, not its weights, so a model name is built without fetching
+    any (:func:`architecture`): ``pretrained`` only picks the architecture of the zoo's
+    pretrained model where the zoo changes it on loading (torchvision's GoogLeNet, Inception-v3
+    and ViTs), and a ``weights`` file is loaded strictly, so it must fit the architecture and
+    never changes a count. A checkpoint (``*.safetensors``) is loaded with
+    :func:`retrofit.load_checkpoint` (its own file); its base is the recipe's source architecture
+    built without blocks and without weights. ``input_size`` ``None``: ``(3, 224, 224)``, or for
+    a checkpoint written by ``retrofit finetune`` the input size it was trained at (its recorded
+    data config).
 
     Raises:
-        RetrofitError: unknown name, unreadable checkpoint, weights unavailable, bad size.
+        RetrofitError: unknown name, unreadable checkpoint or weights file, bad size.
     """
-    from ..checkpoint import is_checkpoint, load_target, read_recipe
-    from ..models import ModelSpec, build
-
     size = check_size(input_size, batch_size) if input_size is not None else None  # before any loading
-    model = load_target(target, pretrained=pretrained, weights=weights)
+    checkpoint = is_checkpoint(target)
+    model = load_target(target, weights=weights) if checkpoint else architecture(target, pretrained, weights)
     if size is None:
         trained = (getattr(model, "retrofit_data_config", None) or {}).get("input_size")
         size = check_size(tuple(int(v) for v in trained) if trained else (3, 224, 224), batch_size)
-    if not is_checkpoint(target):
+    if not checkpoint:
         return TargetReport(str(target), "model", str(target), profile(model, size, batch_size, latency=latency))
     source = read_recipe(target).source
     base_model = build(ModelSpec(source["model"], source["zoo"], dict(source.get("kwargs") or {}))).eval()
@@ -125,3 +137,44 @@ def profile_target(
         base = replace(base, latency=timed[0])
         retrofitted = replace(retrofitted, latency=timed[1])
     return TargetReport(str(target), "checkpoint", source["model"], retrofitted, base)
+
+
+def architecture(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Module:
+    """The model ``name`` names, built without downloading anything (eval mode, CPU).
+
+    With ``weights`` the local file is loaded (strictly, by :func:`retrofit.load_model`), so a
+    file that does not fit is refused as everywhere else. Otherwise the architecture is built
+    with random weights; with ``pretrained`` it is the architecture of the zoo's pretrained
+    model (:func:`pretrained_architecture_kwargs`).
+
+    Raises:
+        RetrofitError: unknown name, bad weights file, an ``hf-hub:`` name whose configuration
+            is neither reachable nor cached.
+    """
+    if weights is not None:
+        return load_model(name, weights=weights)[0]
+    kwargs = pretrained_architecture_kwargs(parse_name(name)) if pretrained else {}
+    return load_model(name, pretrained=False, **kwargs)[0]
+
+
+def pretrained_architecture_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """Constructor kwargs with which the zoo builds, without weights, the architecture of its pretrained model.
+
+    torchvision's builders change the architecture when they load weights
+    (torchvision/models/googlenet.py, inception.py, vision_transformer.py): GoogLeNet and
+    Inception-v3 then normalise the input inside ``forward`` (``transform_input``), GoogLeNet
+    drops its two auxiliary classifiers (6,624,904 parameters instead of 13,004,888), and a ViT
+    takes the image size of its weights (``vit_h_14``: 518). timm builds the same architecture
+    with or without weights: ``{}``.
+    """
+    if spec.zoo != "torchvision":
+        return {}
+    if spec.arch == "googlenet":
+        return {"transform_input": True, "aux_logits": False}
+    if spec.arch == "inception_v3":
+        return {"transform_input": True}
+    if spec.arch.startswith("vit_"):
+        from torchvision.models import get_model_weights
+
+        return {"image_size": get_model_weights(spec.arch).DEFAULT.meta["min_size"][0]}
+    return {}
