@@ -74,7 +74,7 @@ def params_flops(
 ) -> None:
     """Parameters, MACs, FLOPs and element ops of TARGET; for a checkpoint, base → retrofitted with Δ and %.
 
-    Nothing is downloaded: counts need the architecture, not its weights.
+    No weights are downloaded: counts need the architecture, not its weights.
     """
     if sum((as_json, as_markdown, as_csv)) > 1:
         fail("choose one of --json, --markdown, --csv")

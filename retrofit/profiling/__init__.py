@@ -1,6 +1,7 @@
 """The parts of :mod:`retrofit.profile`, one concept per module.
 
-* :mod:`.rules` — the counting rules: which aten op costs what (element operations, data movement).
+* :mod:`.rules` — the counting rules: which aten op costs what (attention, element operations,
+  data movement), and which labels the fvcore-style total adds.
 * :mod:`.counter` — one counted forward pass: ``FlopCounterMode`` with those rules, plus a recorder
   of every op that ran, so an op without a rule is reported instead of dropped.
 * :mod:`.probe` — the probe input, eval mode under ``no_grad``, and the forward call itself.
