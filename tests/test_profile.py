@@ -21,7 +21,7 @@ import retrofit
 from retrofit.blocks import SqueezeExcite
 from retrofit.cli import app
 from retrofit.errors import RetrofitError
-from retrofit.profile import profile
+from retrofit import profile
 
 RESNET50_PARAMS = 25_557_032
 RESNET50_MACS = 4_089_184_256  # conv 4,087,136,256 + fc 2,048,000
@@ -406,6 +406,14 @@ def test_every_format_says_which_ops_went_uncounted():
     assert json.loads(as_json.stdout)["uncounted_ops"] == {"_softmax": 11}
     assert runner.invoke(app, [*args, "--markdown"]).stdout.strip().endswith(note)
     assert note in runner.invoke(app, args).stdout
+
+
+def test_retrofit_profile_stays_the_function_whatever_was_imported_first():
+    # A submodule named retrofit.profile would replace the lazily exported function once imported.
+    code = ("import retrofit.profiling.report, retrofit.profiling.profile, retrofit.cli.report; import retrofit; "
+            "from torch import nn; assert retrofit.profile(nn.Linear(3, 4), (3,)).macs == 12; "
+            "from retrofit import profile, Profile; assert profile is retrofit.profile and Profile is retrofit.Profile")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_cli_help_does_not_import_torch():

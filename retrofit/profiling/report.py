@@ -9,7 +9,7 @@ from torch import nn
 
 from ..checkpoint import is_checkpoint, load_target, read_recipe
 from ..models import ModelSpec, build, load_model, parse_name
-from ..profile import Profile, profile
+from .profile import Profile, profile
 from .latency import measure_latencies
 from .probe import check_size
 

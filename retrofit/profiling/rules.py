@@ -6,7 +6,7 @@ MACs of convolution, linear and matmul come from the formulas of :mod:`torch.uti
 * the attention kernels torch has no formula for (``_scaled_dot_product_flash_attention_for_cpu``,
   the kernel ``F.scaled_dot_product_attention`` runs on CPU): QKᵀ and A·V, as torch counts its
   CUDA kernels (``torch.utils.flop_counter.sdpa_flop_count``);
-* the element operations (the table in :mod:`retrofit.profile` and ``docs/profile.md``); the
+* the element operations (the table in :mod:`retrofit.profiling.profile` and ``docs/profile.md``); the
   norm rules are fvcore's (``fvcore/nn/jit_handles.py``);
 * nearest-neighbour resizing: data movement, free, but counted as the op itself (never as the
   index arithmetic of its reference decomposition), so the fvcore-style total can add what fvcore

@@ -51,11 +51,11 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .profiling.costs import ModuleCost, unique_params
-from .profiling.counter import count_ops, split
-from .profiling.latency import Latency, measure_latency
-from .profiling.probe import EvalNoGrad, check_size, probe_input
-from .profiling.sites import SiteCost, SiteShapes, site_rows
+from .costs import ModuleCost, unique_params
+from .counter import count_ops, split
+from .latency import Latency, measure_latency
+from .probe import EvalNoGrad, check_size, probe_input
+from .sites import SiteCost, SiteShapes, site_rows
 
 
 @dataclass(frozen=True)
