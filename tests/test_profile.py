@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
@@ -22,7 +21,7 @@ import retrofit
 from retrofit.blocks import SqueezeExcite
 from retrofit.cli import app
 from retrofit.errors import RetrofitError
-from retrofit.profile import profile
+from retrofit import profile
 
 RESNET50_PARAMS = 25_557_032
 RESNET50_MACS = 4_089_184_256  # conv 4,087,136,256 + fc 2,048,000
@@ -162,12 +161,12 @@ def test_pooling_and_batch_norm_element_ops():
 
 
 def test_ops_without_a_rule_are_listed_not_dropped():
-    class Up(nn.Module):
+    class Soft(nn.Module):
         def forward(self, x):
-            return F.interpolate(x, scale_factor=2, mode="bilinear").softmax(1)
+            return x.softmax(1).log_softmax(1)
 
-    p = profile(Up(), (2, 4, 4))
-    assert p.uncounted_ops == {"upsample_bilinear2d": 1, "_softmax": 1}
+    p = profile(Soft(), (2, 4, 4))
+    assert p.uncounted_ops == {"_softmax": 1, "_log_softmax": 1}
     assert (p.macs, p.element_ops) == (0, 0)
 
 
@@ -217,7 +216,8 @@ def test_latency_delta_inside_the_run_spread_is_called_no_difference():
     import dataclasses
 
     from retrofit.cli.report import _latency_spread
-    from retrofit.profile import Latency, TargetReport
+    from retrofit.profiling.latency import Latency
+    from retrofit.profiling.report import TargetReport
 
     counted = profile(nn.Conv2d(3, 8, 3), (3, 16, 16))
 
@@ -254,12 +254,17 @@ def test_json_report_of_se_checkpoint_shows_base_retrofitted_and_sites(se_checkp
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == {"schema", "target", "kind", "name", "input_size", "batch_size", "model", "base", "delta",
-                         "delta_percent", "latency_delta_measured"}
+                         "delta_percent", "latency_delta_measured", "uncounted_ops"}
+    assert data["uncounted_ops"] == {}
     assert data["latency_delta_measured"] is None  # not timed
     assert (data["schema"], data["kind"], data["name"]) == ("retrofit.params-flops/1", "checkpoint", "resnet50")
     assert set(data["model"]) == {"input_size", "batch_size", "params", "trainable_params", "macs", "flops",
-                                  "element_ops", "macs_by_op", "element_ops_by_op", "uncounted_ops", "sites",
-                                  "latency"}
+                                  "fvcore_macs", "element_ops", "macs_by_op", "element_ops_by_op", "uncounted_ops",
+                                  "sites", "latency"}
+    # fvcore-style: + batch norms (2 per element in eval); the SE blocks add MACs only
+    base = data["base"]
+    assert base["fvcore_macs"] == RESNET50_MACS + base["element_ops_by_op"]["batch_norm"]
+    assert data["delta"]["fvcore_macs"] == data["delta"]["macs"] == 2_514_944
     assert data["base"]["params"] == RESNET50_PARAMS
     assert data["base"]["macs"] == RESNET50_MACS
     assert data["model"]["params"] == SE_R16_PARAMS
@@ -343,6 +348,72 @@ def test_bad_input_is_one_line_and_non_zero(args, message):
     assert "Traceback" not in result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+# --- issue 9: no weights needed; uncounted ops in every format ------------------------------
+
+
+def test_report_of_a_model_name_needs_no_network_and_no_weights(monkeypatch):
+    import socket
+
+    import retrofit.models
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable (test)")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("report fetched weights")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setattr(retrofit.models, "_load_pretrained", no_download)
+    result = runner.invoke(app, ["report", "params-flops", "resnet18", "--csv"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1] == "params,11689512"
+
+
+def test_googlenet_is_counted_as_its_pretrained_architecture():
+    from torchvision.models import get_model_weights
+
+    from retrofit.models import parse_name
+    from retrofit.profiling.report import pretrained_architecture_kwargs
+
+    meta = get_model_weights("googlenet").DEFAULT.meta  # num_params 6,624,904; _ops 1.498 GMACs
+    counts = {}
+    for flags in ([], ["--no-pretrained"]):
+        result = runner.invoke(app, ["report", "params-flops", "torchvision:googlenet", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        counts[bool(flags)] = json.loads(result.stdout)["model"]
+    pretrained, random_init = counts[False], counts[True]
+    assert pretrained["params"] == meta["num_params"] == 6_624_904  # torchvision drops the two aux classifiers
+    assert random_init["params"] == 13_004_888  # built without weights, torchvision keeps them
+    assert pretrained["macs"] == random_init["macs"] == 1_498_376_192  # aux heads do not run in eval
+    assert round(pretrained["macs"] / 1e9, 3) == meta["_ops"]
+    assert pretrained["element_ops"] > random_init["element_ops"]  # transform_input rescales the input
+    assert pretrained_architecture_kwargs(parse_name("torchvision:vit_h_14")) == {"image_size": 518}
+    assert pretrained_architecture_kwargs(parse_name("resnet50")) == {}
+
+
+def test_every_format_says_which_ops_went_uncounted():
+    args = ["report", "params-flops", "levit_128s", "--no-pretrained"]  # 11 softmax calls, no rule
+    note = "ran without a counting rule (not in any total): _softmax ×11"
+    as_csv = runner.invoke(app, [*args, "--csv"])
+    assert as_csv.exit_code == 0, as_csv.output
+    assert as_csv.stderr.strip() == f"warning: {note}"
+    assert [row.split(",")[0] for row in as_csv.stdout.splitlines()] == [
+        "metric", "params", "trainable_params", "macs", "flops", "fvcore_macs", "element_ops"]
+    as_json = runner.invoke(app, [*args, "--json"])
+    assert json.loads(as_json.stdout)["uncounted_ops"] == {"_softmax": 11}
+    assert runner.invoke(app, [*args, "--markdown"]).stdout.strip().endswith(note)
+    assert note in runner.invoke(app, args).stdout
+
+
+def test_retrofit_profile_stays_the_function_whatever_was_imported_first():
+    # A submodule named retrofit.profile would replace the lazily exported function once imported.
+    code = ("import retrofit.profiling.report, retrofit.profiling.profile, retrofit.cli.report; import retrofit; "
+            "from torch import nn; assert retrofit.profile(nn.Linear(3, 4), (3,)).macs == 12; "
+            "from retrofit import profile, Profile; assert profile is retrofit.profile and Profile is retrofit.Profile")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_cli_help_does_not_import_torch():

@@ -25,6 +25,7 @@ _METRICS = (
     ("trainable_params", "trainable params"),
     ("macs", "MACs"),
     ("flops", "FLOPs (2 × MACs)"),
+    ("fvcore_macs", "fvcore-style MACs (timm's GMACs)"),
     ("element_ops", "element ops"),
     ("latency_ms", "latency (ms)"),
 )
@@ -37,14 +38,21 @@ _SITE_COLUMNS = ("key", "owner", "block", "setting", "channels", "height", "widt
     epilog=(
         "[bold]Counting rules[/bold]\n\n"
         "Params: unique tensors (a module shared by two parents counts once).\n\n"
-        "MACs: multiply-accumulates of convolution (1-D, 2-D, grouped, depthwise, transposed) and linear/matmul, "
-        "counted on the aten ops that actually run (F.conv2d inside Conv2dSame counts, so does a @ b); "
-        "bias additions excluded, as in published tables. FLOPs = 2 × MACs.\n\n"
-        "Element ops, their own line so MACs stay comparable with published tables: add, mul, sigmoid, relu and "
-        "the other pointwise ops 1 per output element; mean, sum and adaptive pooling 1 per input element; "
-        "k×k max/avg pooling k·k per output element; batch norm in eval 2 per element (1 without affine); "
+        "MACs: multiply-accumulates of convolution (1-D, 2-D, grouped, depthwise, transposed), linear/matmul and "
+        "attention (QKᵀ and A·V of every scaled-dot-product kernel), counted on the aten ops that actually run "
+        "(F.conv2d inside Conv2dSame counts, so does a @ b; nn.MultiheadAttention's fused fast path is off while "
+        "counting); bias additions excluded, as in published tables. FLOPs = 2 × MACs.\n\n"
+        "fvcore-style MACs: MACs plus the norm and upsampling operations that fvcore also counts; timm publishes "
+        "these totals as GMACs.\n\n"
+        "Element ops, their own line: add, mul, sigmoid, relu, comparisons and the other pointwise ops 1 per "
+        "output element; mean, sum and adaptive pooling 1 per input element; k×k max/avg pooling k·k per output "
+        "element; bilinear upsampling 4 per output element; batch norm in eval 2 per element (1 without affine); "
         "layer/group norm 5 per element (4 without affine).\n\n"
-        "Views, padding and copies cost nothing; any other op without a rule is listed as uncounted.\n\n"
+        "Views, padding, copies and nearest resizing cost nothing; any other op without a rule (e.g. softmax) is "
+        "listed as uncounted, in every output format (--csv: on stderr).\n\n"
+        "Counts need no weights: a model name is built without downloading any (the architecture of its "
+        "pretrained model; --no-pretrained: as the zoo builds it without weights, which for torchvision's "
+        "GoogLeNet keeps the auxiliary classifiers).\n\n"
         "One forward pass in eval mode under no_grad on seeded noise; the model is not changed. "
         "--latency: median of 20 timed passes after 5 warm-up passes, naming the device and thread count, "
         "with the spread of the runs (p25–p75); a Δ inside that spread is reported as no measured difference.\n\n"
@@ -66,7 +74,7 @@ def params_flops(
 ) -> None:
     """Parameters, MACs, FLOPs and element ops of TARGET; for a checkpoint, base → retrofitted with Δ and %.
 
-    Weights never change a count: pass --no-pretrained to skip fetching them for a model name.
+    No weights are downloaded: counts need the architecture, not its weights.
     """
     if sum((as_json, as_markdown, as_csv)) > 1:
         fail("choose one of --json, --markdown, --csv")
@@ -80,7 +88,7 @@ def params_flops(
     if per_site and not is_checkpoint(target):
         fail(f"--per-site needs a retrofit checkpoint (.safetensors); {target} has no inserted blocks "
              f"(`retrofit sites {target}` lists its residual sites)")
-    from ..profile import profile_target
+    from ..profiling.report import profile_target
 
     report = profile_target(target, tuple(size) if size is not None else None, batch_size, pretrained=not no_pretrained,
                             weights=str(weights) if weights is not None else None, latency=latency)
@@ -91,6 +99,9 @@ def params_flops(
         typer.echo(_markdown(data, per_site))
     elif as_csv:
         typer.echo(_csv(data, per_site), nl=False)
+        note = _uncounted(data)
+        if note:  # stdout stays plain CSV; the warning must not be lost
+            typer.echo(f"warning: {note}", err=True)
     else:
         _print_rich(data, per_site)
 
@@ -196,7 +207,7 @@ def _title(data: dict[str, Any]) -> str:
 
 
 def _uncounted(data: dict[str, Any]) -> str | None:
-    ops = data["model"]["uncounted_ops"]
+    ops = data["uncounted_ops"]
     if not ops:
         return None
     return "ran without a counting rule (not in any total): " + ", ".join(f"{k} ×{n}" for k, n in ops.items())
