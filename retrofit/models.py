@@ -130,6 +130,29 @@ def build(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
     return timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
 
 
+def pretrained_architecture_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """Constructor kwargs with which the zoo builds, without weights, the architecture of its pretrained model.
+
+    torchvision's builders change the architecture when they load weights
+    (torchvision/models/googlenet.py, inception.py, vision_transformer.py): GoogLeNet and
+    Inception-v3 then normalise the input inside ``forward`` (``transform_input``), GoogLeNet
+    drops its two auxiliary classifiers (6,624,904 parameters instead of 13,004,888), and a ViT
+    takes the image size of its weights (``vit_h_14``: 518). timm builds the same architecture
+    with or without weights: ``{}``.
+    """
+    if spec.zoo != "torchvision":
+        return {}
+    if spec.arch == "googlenet":
+        return {"transform_input": True, "aux_logits": False}
+    if spec.arch == "inception_v3":
+        return {"transform_input": True}
+    if spec.arch.startswith("vit_"):
+        from torchvision.models import get_model_weights
+
+        return {"image_size": get_model_weights(spec.arch).DEFAULT.meta["min_size"][0]}
+    return {}
+
+
 def _takes_backbone_weights(arch: str) -> bool:
     """Whether torchvision's builder ``arch`` has a ``weights_backbone`` argument (detection, segmentation)."""
     import inspect
@@ -381,15 +404,20 @@ def load_model(
             # a classifier fine-tuned to N classes: build the head the file has (unless asked otherwise)
             from .source import head_kwargs
 
-            head = None if "num_classes" in kwargs else head_kwargs(spec, {k: tuple(v.shape) for k, v in state.items()})
-            if not head:
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
+            # the zoo's pretrained architecture (GoogLeNet without aux heads), then a classifier of N classes
+            arch = ModelSpec(spec.name, spec.zoo, {**pretrained_architecture_kwargs(spec), **spec.kwargs})
+            head = None if "num_classes" in kwargs else head_kwargs(arch, shapes)
+            if head is None:
                 raise
-            spec = ModelSpec(spec.name, spec.zoo, {**spec.kwargs, **head})
+            spec = ModelSpec(spec.name, spec.zoo, {**arch.kwargs, **head})
             model = build(spec)
             load_state_dict_strict(model, state, source)
         origin = f"file:{Path(weights).name}"
     elif pretrained:
         model = _load_pretrained(spec)
+        # what a rebuild without weights needs to build the same architecture (GoogLeNet's aux heads)
+        spec = ModelSpec(spec.name, spec.zoo, {**pretrained_architecture_kwargs(spec), **spec.kwargs})
         origin = "pretrained"
     else:
         model = build(spec)

@@ -376,7 +376,7 @@ def test_googlenet_is_counted_as_its_pretrained_architecture():
     from torchvision.models import get_model_weights
 
     from retrofit.models import parse_name
-    from retrofit.profiling.report import pretrained_architecture_kwargs
+    from retrofit.models import pretrained_architecture_kwargs
 
     meta = get_model_weights("googlenet").DEFAULT.meta  # num_params 6,624,904; _ops 1.498 GMACs
     counts = {}

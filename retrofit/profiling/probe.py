@@ -24,14 +24,14 @@ def check_size(input_size: Sequence[int], batch_size: int) -> tuple[int, ...]:
     return size
 
 
-def probe_input(model: nn.Module, size: tuple[int, ...], batch_size: int) -> torch.Tensor:
-    """``(batch_size, *size)`` standard-normal input on the model's device and dtype (seeded, global RNG untouched)."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    g = torch.Generator().manual_seed(0)
+def probe_input(model: nn.Module, size: tuple[int, ...], batch_size: int) -> torch.Tensor | list[torch.Tensor]:
+    """``(batch_size, *size)`` standard-normal input on the model's device and dtype (seeded, global RNG
+    untouched), or a list of images for a detector: :func:`retrofit.probe.probe_input`, with a one-line
+    error when it cannot be allocated."""
+    from ..probe import probe_input as make
+
     try:
-        return torch.randn((batch_size, *size), generator=g).to(device=device, dtype=dtype)
+        return make(model, size, batch=batch_size)
     except (RuntimeError, MemoryError, TypeError, OverflowError) as e:  # "can't allocate memory"; a size past int64
         shape = "×".join(map(str, (batch_size, *size)))
         raise RetrofitError(

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..checkpoint import is_checkpoint, load_target, read_recipe
-from ..models import ModelSpec, build, load_model, parse_name
+from ..models import ModelSpec, build, load_model, parse_name, pretrained_architecture_kwargs
 from .profile import Profile, profile
 from .latency import measure_latencies
 from .probe import check_size
@@ -145,7 +145,7 @@ def architecture(name: str, pretrained: bool = True, weights: str | None = None)
     With ``weights`` the local file is loaded (strictly, by :func:`retrofit.load_model`), so a
     file that does not fit is refused as everywhere else. Otherwise the architecture is built
     with random weights; with ``pretrained`` it is the architecture of the zoo's pretrained
-    model (:func:`pretrained_architecture_kwargs`).
+    model (:func:`retrofit.models.pretrained_architecture_kwargs`).
 
     Raises:
         RetrofitError: unknown name, bad weights file, an ``hf-hub:`` name whose configuration
@@ -155,26 +155,3 @@ def architecture(name: str, pretrained: bool = True, weights: str | None = None)
         return load_model(name, weights=weights)[0]
     kwargs = pretrained_architecture_kwargs(parse_name(name)) if pretrained else {}
     return load_model(name, pretrained=False, **kwargs)[0]
-
-
-def pretrained_architecture_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    """Constructor kwargs with which the zoo builds, without weights, the architecture of its pretrained model.
-
-    torchvision's builders change the architecture when they load weights
-    (torchvision/models/googlenet.py, inception.py, vision_transformer.py): GoogLeNet and
-    Inception-v3 then normalise the input inside ``forward`` (``transform_input``), GoogLeNet
-    drops its two auxiliary classifiers (6,624,904 parameters instead of 13,004,888), and a ViT
-    takes the image size of its weights (``vit_h_14``: 518). timm builds the same architecture
-    with or without weights: ``{}``.
-    """
-    if spec.zoo != "torchvision":
-        return {}
-    if spec.arch == "googlenet":
-        return {"transform_input": True, "aux_logits": False}
-    if spec.arch == "inception_v3":
-        return {"transform_input": True}
-    if spec.arch.startswith("vit_"):
-        from torchvision.models import get_model_weights
-
-        return {"image_size": get_model_weights(spec.arch).DEFAULT.meta["min_size"][0]}
-    return {}
