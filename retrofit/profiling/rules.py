@@ -44,8 +44,10 @@ _POINTWISE = (
     "add sub rsub mul div neg abs sigmoid relu hardtanh hardsigmoid hardswish silu gelu mish leaky_relu elu "
     "softplus tanh exp log sqrt rsqrt reciprocal pow clamp clamp_min clamp_max maximum minimum where "
     "masked_fill eq ne lt le gt ge logical_not logical_and logical_or floor ceil round trunc sign erf sin cos "
-    "remainder fmod lerp addcmul addcdiv bitwise_not".split()
+    "remainder fmod lerp bitwise_not".split()
 )
+#: Pointwise ops of two arithmetic operations per element: ``a + b·c`` (retrofit's fused gate) and ``a + b/c``.
+_POINTWISE_TWO_OPS = ("addcmul", "addcdiv")
 _REDUCTIONS = (
     "mean sum amax amin cumsum linalg_vector_norm _adaptive_avg_pool2d _adaptive_avg_pool3d adaptive_max_pool2d"
 ).split()
@@ -104,6 +106,10 @@ def _first_shape(out_shape: Any) -> torch.Size:
 
 def _pointwise(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     return _numel(_first_shape(out_shape))
+
+
+def _pointwise_two_ops(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * _numel(_first_shape(out_shape))
 
 
 def _reduction(x_shape: torch.Size, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -169,6 +175,9 @@ def _rules() -> dict[Any, Rule]:
     for name in _POINTWISE:
         add(name, "element", name, _pointwise)
         add(name + "_", "element", name, _pointwise)
+    for name in _POINTWISE_TWO_OPS:
+        add(name, "element", name, _pointwise_two_ops)
+        add(name + "_", "element", name, _pointwise_two_ops)
     for name in _REDUCTIONS:
         add(name, "element", name.lstrip("_"), _reduction)
     for name in _WINDOWED_POOLS:

@@ -6,6 +6,8 @@ block sits (owner, stage) and the map it gates in that pass (C×H×W), read by a
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,12 +92,21 @@ def site_rows(
     def row(key: str, owner: str, block: str, channels: int, options: dict[str, Any], height: int, width: int,
             stage: int, replaced: str = "", replaced_params: int = 0) -> SiteCost:
         counted = rows_by_name.get(key)
-        params, _ = unique_params(model.get_submodule(key))
+        block_module = model.get_submodule(key)
+        params, _ = unique_params(block_module)
+        element_ops = counted.element_ops if counted else 0
+        by_op = dict(counted.element_ops_by_op) if counted else {}
+        if getattr(block_module, "fused", False):
+            # its multiply runs in the owner, inside the fused addition (rewrite.gated_add: one addcmul,
+            # two element ops per element, one of them this gate's scaling of its (N, C, H, W) map)
+            scale = math.prod(shapes.get(key, ()) or (0,))
+            element_ops += scale
+            by_op["mul"] = by_op.get("mul", 0) + scale
         return SiteCost(
             params,
             counted.macs if counted else 0,
-            counted.element_ops if counted else 0,
-            dict(counted.element_ops_by_op) if counted else {},
+            element_ops,
+            by_op,
             key=key, owner=owner, block=block, channels=channels, height=height, width=width,
             stage=stage, setting=block_class(block).describe(options), replaced=replaced,
             replaced_params=replaced_params,
