@@ -25,3 +25,27 @@ def photos(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The scikit-learn digits as an ImageFolder tree: 1,437 train / 360 val images."""
+    from retrofit.train.digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    assert write_digits(root) == {"train": 1437, "val": 360}
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_digits(digits, tmp_path_factory):
+    """The first 10 train and 5 val images of each digit: 100 / 50 images."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("small_digits")
+    for split, n in (("train", 10), ("val", 5)):
+        for cls in sorted((digits / split).iterdir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f, root / split / cls.name / f.name)
+    return root

@@ -43,11 +43,17 @@ def evaluate(
 
     Preprocessing: the data config a fine-tuned checkpoint recorded, else timm's for the model (finetune's eval transform).
     """
-    check_weight_flags(target, weights, no_pretrained, "--weights", "TARGET")
+    from ..checkpoint import is_checkpoint
+
     if target2 is None and other_weights is not None:
         fail("--other-weights applies to TARGET2, and no TARGET2 is given")
+    check_weight_flags(target, weights, False, "--weights", "TARGET")
     if target2 is not None:
-        check_weight_flags(target2, other_weights, no_pretrained, "--other-weights", "TARGET2")
+        check_weight_flags(target2, other_weights, False, "--other-weights", "TARGET2")
+    if no_pretrained and (weights is not None or other_weights is not None):
+        fail(f"{'--weights' if weights is not None else '--other-weights'} and --no-pretrained exclude each other")
+    if no_pretrained and all(is_checkpoint(t) for t in (target, target2) if t is not None):
+        fail("--no-pretrained applies to a model name; every target here is a checkpoint, which holds its own weights")
     if predictions is not None:
         from ..checkpoint import check_writable
 
