@@ -158,8 +158,13 @@ def test_two_shards_in_two_processes_equal_one_process(one_process, small_digits
     for text in outputs:  # each process trained its three runs only
         assert "run 3/3" in text and "run 4/" not in text and text.count("· trained ·") == 3
     assert without_timing(read_csv(out / "ablation.csv")) == without_timing(read_csv(one_process / "ablation.csv"))
+    # --report-only trains nothing; it evaluates a finished run whose predictions are missing (a kill in between)
+    predictions = out / "none_full" / "seed-1" / "predictions.csv"
+    kept = predictions.read_text()
+    predictions.unlink()
     report = run("ablate", *GRID, "--data", small_digits, *FAST, "-o", out, "--report-only")
     assert report.exit_code == 0 and "fine-tuning" not in report.output
+    assert predictions.read_text() == kept
     assert without_timing(read_csv(out / "ablation.csv")) == without_timing(read_csv(one_process / "ablation.csv"))
 
 

@@ -110,6 +110,20 @@ def ensure_predictions(template: FinetuneConfig, folder: Path) -> None:
     write_predictions(out, [result])
 
 
+def complete_predictions(template: FinetuneConfig, runs: list[Run]) -> None:
+    """Write the missing ``predictions.csv`` of finished runs (a process killed between a run's end and its
+    predictions, or a run another process finished): the tables then count them as done. An evaluation that
+    fails is recorded in the run's ``failed.json``."""
+    root = Path(template.output)
+    for run in runs:
+        folder = root / run.folder
+        if run_state(folder, template.epochs) == "done" and not (folder / PREDICTIONS).is_file():
+            try:
+                ensure_predictions(template, folder)
+            except Exception as e:  # recorded like a failed run; the tables are still written
+                record_failure(folder, one_line(e))
+
+
 def record_failure(folder: Path, reason: str) -> None:
     from ..checkpoint import atomic_write_bytes
 

@@ -18,7 +18,7 @@ from ..errors import RetrofitError
 from ..train.config import FinetuneConfig
 from .grid import Grid, shard as shard_runs
 from .report import markdown, write_csv, write_json, write_png
-from .runner import check_recipes, execute
+from .runner import check_recipes, complete_predictions, execute
 from .tables import RunResult, collect, summarize
 
 CSV, JSON, MD, PNG, LOCK = "ablation.csv", "ablation.json", "ablation.md", "ablation.png", ".ablation.lock"
@@ -60,7 +60,7 @@ def ablate(
         grid: the axes (validated here).
         shard: ``(I, N)``: run every N-th run of the grid from the I-th (1-based).
         report_only: train nothing; merge the folders into the tables.
-        console: a ``rich.console.Console`` for progress and the per-run lines (None: silent).
+        console: a ``rich.console.Console`` for progress and the per-run lines (None: a default one).
 
     Raises:
         RetrofitError: an invalid grid or shard, bad settings, a missing data folder, an output
@@ -78,12 +78,16 @@ def ablate(
     if not template.data.startswith("torchvision:") and not Path(template.data).is_dir():
         raise RetrofitError(f"data folder not found: {template.data}")
     check_recipes(template, runs)
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
     failed_now = 0
-    if not report_only:
-        root.mkdir(parents=True, exist_ok=True)
-        failed_now = execute(template, mine, console)
     root.mkdir(parents=True, exist_ok=True)
+    if not report_only:
+        failed_now = execute(template, mine, console)
     with _locked(root / LOCK):
+        complete_predictions(template, runs)
         results = collect(root, runs, template.epochs)
         cells = grid.cells()
         summaries = summarize(results, cells)
