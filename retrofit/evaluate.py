@@ -164,9 +164,9 @@ def evaluate(
         raise RetrofitError(f"--batch-size must be ≥ 1, got {batch_size}")
     if not 0 <= workers <= max_workers():
         raise RetrofitError(f"--workers must be between 0 and {max_workers()} (4 × this machine's CPUs), got {workers}")
-    if device not in DEVICES or precision not in PRECISIONS:
-        bad, options = (("device", DEVICES) if device not in DEVICES else ("precision", PRECISIONS))
-        raise RetrofitError(f"unknown {bad} {device if bad == 'device' else precision!r}; choose one of: {', '.join(options)}")
+    for setting, value, options in (("device", device, DEVICES), ("precision", precision, PRECISIONS)):
+        if value not in options:
+            raise RetrofitError(f"unknown {setting} {value!r}; choose one of: {', '.join(options)}")
     model = target if isinstance(target, nn.Module) else load_target(target, pretrained=pretrained, weights=weights)
     config = model_data_config(model)
     opened = open_eval_data(data, eval_transform(config), classes=recorded_classes(model),
@@ -214,6 +214,8 @@ def _run(model: nn.Module, opened: Any, name: str, config: dict[str, Any], *, ba
             if progress:
                 progress.advance(task)
     n = len(labels)
+    if n == 0:
+        raise RetrofitError(f"{opened.description} holds no images to evaluate")
     top1 = sum(p == y for p, y in zip(predicted, labels)) / n
     return Evaluation(name, opened.description, list(opened.classes), _jsonable(config), _paths(opened.dataset),
                       labels, predicted, probability, loss_sum / n, top1, top_k_hits / n)

@@ -105,6 +105,7 @@ def test_identity_init_retrofit_and_its_base_give_identical_predictions(lite0_ru
     got = json.loads(result.stdout)
     assert got["mcnemar"] == {"first_only_correct": 0, "second_only_correct": 0, "p": 1.0}
     assert got["top1_difference"] == 0.0
+    assert [t["target"] for t in got["targets"]] == [str(base), str(retrofit)]
     assert got["targets"][0]["top1"] == got["targets"][1]["top1"]
     rows = read_csv(predictions)
     assert len(rows) == 50 and all(r["predicted"] == r["predicted_2"] for r in rows)
