@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write_bytes
-from .grid import Cell, Grid
+from .grid import NONE, Cell, Grid
 from .tables import COLUMNS, RunResult
 
 #: Axes that get a column (and a plot panel) when the grid has more than one value on them.
 _AXIS_COLUMNS = (("placement", "placements"), ("stages", "stages"), ("reduction", "reductions"),
                  ("kernel_size", "kernel_sizes"), ("train", "train"))
-_TRAIN_TITLES = {"full": "every weight trains", "blocks": "only the inserted blocks and the head train "
-                 "(backbone and BatchNorm statistics frozen; the base row trains its head alone)",
-                 "head": "linear probe: only the head trains"}
+_TRAIN_TITLES = {"full": "every weight trains", "blocks": "only the inserted blocks and the head train, backbone "
+                 "and BatchNorm statistics frozen; the base row trains its head alone",
+                 "head": "linear probe: only the head trains; an identity-init block that does not train leaves "
+                 "its base unchanged, so only the base is run"}
 
 
 def write_csv(path: Path, results: list[RunResult]) -> None:
@@ -55,11 +56,12 @@ def markdown(header: dict[str, Any], grid: Grid, results: list[RunResult], summa
              f"Recipe: {header['recipe']}.", ""]
     by_id = {s["cell"]: s for s in summaries}
     columns = [c for c in varying(grid) if c != "train"]
-    retrofits = [c for c in cells if not c.is_base]
-    for train in dict.fromkeys(c.train for c in (retrofits or cells)):
-        members = [c for c in retrofits if c.train == train]
-        base = members[0].base() if members else next(c for c in cells if c.train == train)
+    for train in grid.train:
+        members = [c for c in cells if not c.is_base and c.train == train]
+        base = Cell(NONE, train=train).base()
         rows = ([by_id[base.id]] if base.id in by_id else []) + [by_id[c.id] for c in members]
+        if not rows:
+            continue
         lines += [f"## Training: {train} ({_TRAIN_TITLES[train]}){_layout(grid)}", ""]
         lines += _table(rows, columns)
         lines.append("")
