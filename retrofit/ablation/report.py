@@ -126,8 +126,14 @@ def _top1(s: dict[str, Any]) -> str:
 
 
 def _interval(p: dict[str, Any]) -> str:
-    mean = f"{100 * p['mean']:+.2f}"
-    return mean if p["low"] is None else f"{mean} [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]"
+    mean = _points(p["mean"])
+    return mean if p["low"] is None else f"{mean} [{_points(p['low'])}, {_points(p['high'])}]"
+
+
+def _points(fraction: float) -> str:
+    """A signed difference in percentage points; a float rounding residue never reads as -0.00."""
+    text = f"{100 * fraction:+.2f}"
+    return "+0.00" if text == "-0.00" else text
 
 
 def write_png(path: Path, grid: Grid, summaries: list[dict[str, Any]], title: str) -> None:

@@ -4,10 +4,11 @@ Everything is rebuilt from the folders (``config.json``, ``metrics.csv``, ``summ
 ``predictions.csv``, ``failed.json``), so any process — one shard, or ``--report-only`` — writes
 the same tables once the runs are there.
 
-Per cell: mean ± sample standard deviation of the final top-1 over its seeds; against the base
-cell (``none`` under the same training mode), on the seeds both finished, the paired difference
-of top-1 with a 95 % Student-t interval and McNemar's exact test on the per-image predictions
-pooled over those seeds (:mod:`retrofit.stats`), and the verdict of :func:`retrofit.stats.verdict`.
+Per cell: mean ± sample standard deviation of the final top-1 over its seeds (counted from the
+per-image predictions, so without metrics.csv's rounding to 6 digits); against the base cell
+(``none`` under the same training mode), on the seeds both finished, the paired difference of
+top-1 with a 95 % Student-t interval and McNemar's exact test on the per-image predictions pooled
+over those seeds (:mod:`retrofit.stats`), and the verdict of :func:`retrofit.stats.verdict`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class RunResult:
     @property
     def done(self) -> bool:
         return self.row["status"] == "done"
+
+    @property
+    def top1(self) -> float:
+        """Top-1 counted from the per-image predictions: ``val_top1`` without metrics.csv's rounding to 6 digits."""
+        return sum(self.correct) / len(self.correct)
 
 
 def collect(root: Path, runs: list[Run], epochs: int) -> list[RunResult]:
@@ -105,7 +111,7 @@ def summarize(results: list[RunResult], cells: list[Cell]) -> list[dict[str, Any
     for cell in cells:
         runs = by_cell[cell]
         done = {s: r for s, r in runs.items() if r.done}
-        top1 = {s: r.row["val_top1"] for s, r in done.items()}
+        top1 = {s: r.top1 for s, r in done.items()}
         first = next(iter(done.values()), None)
         summary: dict[str, Any] = {
             "cell": cell.id, **cell.axes(), "runs": len(done),
@@ -133,7 +139,7 @@ def _against_base(summary: dict[str, Any], done: dict[int, RunResult], base: dic
     seeds = [s for s in done if s in base and done[s].paths == base[s].paths]
     if not seeds:
         return
-    diff = paired_difference([base[s].row["val_top1"] for s in seeds], [done[s].row["val_top1"] for s in seeds])
+    diff = paired_difference([base[s].top1 for s in seeds], [done[s].top1 for s in seeds])
     b = sum(x and not y for s in seeds for x, y in zip(base[s].correct, done[s].correct))
     c = sum(y and not x for s in seeds for x, y in zip(base[s].correct, done[s].correct))
     p = mcnemar_exact(b, c)
