@@ -186,5 +186,4 @@ def _result(folder: Path, state: str, seconds: float) -> str:
 
 
 def _say(console: Any, text: str) -> None:
-    if console is not None:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
