@@ -28,19 +28,24 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def digit_tree(tmp_path_factory):
-    """An ImageFolder tree of the real scikit-learn digits: 10 train and 5 val images per class (100 / 50)."""
-    import shutil
-
+def digits(tmp_path_factory):
+    """The scikit-learn digits as an ImageFolder tree: 1,437 train / 360 val images."""
     from retrofit.train.digits import write_digits
 
-    full = tmp_path_factory.mktemp("digits_full")
-    write_digits(full)
-    root = tmp_path_factory.mktemp("digit_tree")
+    root = tmp_path_factory.mktemp("digits")
+    assert write_digits(root) == {"train": 1437, "val": 360}
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_digits(digits, tmp_path_factory):
+    """The first 10 train and 5 val images of each digit: 100 / 50 images."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("small_digits")
     for split, n in (("train", 10), ("val", 5)):
-        for cls in sorted((full / split).iterdir()):
+        for cls in sorted((digits / split).iterdir()):
             (root / split / cls.name).mkdir(parents=True)
             for f in sorted(cls.iterdir())[:n]:
                 shutil.copy(f, root / split / cls.name / f.name)
-    shutil.rmtree(full)
     return root

@@ -83,7 +83,7 @@ def test_the_progress_bar_never_shows_a_nan_loss():
     assert math.isclose(last, result["train_loss"], abs_tol=5e-5)  # the bar's last loss is the epoch's
 
 
-def test_predict_warns_on_random_weights_and_not_on_fine_tuned_ones(digit_tree, photos, tmp_path):
+def test_predict_warns_on_random_weights_and_not_on_fine_tuned_ones(small_digits, photos, tmp_path):
     random = tmp_path / "r18-eca.safetensors"
     assert run("add-eca", "resnet18", "--no-pretrained", "-o", random).exit_code == 0
     result = run("predict", random, photos[0], "--top", 1)
@@ -92,7 +92,7 @@ def test_predict_warns_on_random_weights_and_not_on_fine_tuned_ones(digit_tree, 
                                      "trained): its predictions mean nothing")
     named = run("predict", "resnet18", "--no-pretrained", photos[0], "--top", 1)
     assert named.stderr.strip().startswith("warning: resnet18 has random weights")
-    tuned = run("finetune", "resnet18", "--no-pretrained", "--data", digit_tree, "--epochs", 1, "--img-size", 32,
+    tuned = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "--epochs", 1, "--img-size", 32,
                 "-b", 20, "--workers", 0, "-o", tmp_path / "run")
     assert tuned.exit_code == 0, tuned.output
     result = run("predict", tmp_path / "run" / "best.safetensors", photos[0], "--top", 1)

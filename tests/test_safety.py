@@ -73,9 +73,9 @@ def race(first: list, second: list) -> tuple[subprocess.Popen, subprocess.Popen,
     return b, a, b_out, one_error_line(a_err)
 
 
-def test_two_finetunes_into_one_output_the_second_is_refused_naming_the_first(digit_tree, tmp_path):
+def test_two_finetunes_into_one_output_the_second_is_refused_naming_the_first(small_digits, tmp_path):
     out = tmp_path / "race"
-    common = ["finetune", *TINY, "--data", digit_tree, "--epochs", 3, "-o", out]
+    common = ["finetune", *TINY, "--data", small_digits, "--epochs", 3, "-o", out]
     winner, loser, stdout, line = race([*common, "--seed", 1], [*common, "--seed", 2])
     assert line.startswith(f"error: {out} is in use by another retrofit command (PID {winner.pid}, since ")
     assert "retrofit finetune resnet18" in line and line.endswith("wait for it to end, or choose another --output")
@@ -145,8 +145,8 @@ def test_a_stale_temporary_file_is_removed_and_a_live_writers_is_not(tmp_path):
 
 
 # ------------------------------------------------------------------ 2: SIGTERM and kill -9
-def test_sigterm_during_finetune_saves_the_epoch_and_resume_equals_an_uninterrupted_run(digit_tree, tmp_path):
-    common = ["finetune", *TINY, "--data", digit_tree, "--epochs", 6, "--seed", 4]
+def test_sigterm_during_finetune_saves_the_epoch_and_resume_equals_an_uninterrupted_run(small_digits, tmp_path):
+    common = ["finetune", *TINY, "--data", small_digits, "--epochs", 6, "--seed", 4]
     straight = run(*common, "-o", tmp_path / "straight")
     assert straight.exit_code == 0, straight.output
     out = tmp_path / "stopped"
@@ -275,17 +275,17 @@ def test_numbers_and_images_are_refused_before_any_model_is_built(args, message,
     assert elapsed < 1.0
 
 
-def test_a_warmup_longer_than_half_the_run_is_capped_with_one_line(digit_tree, tmp_path):
+def test_a_warmup_longer_than_half_the_run_is_capped_with_one_line(small_digits, tmp_path):
     from retrofit.train.config import FinetuneConfig
     from retrofit.train.optim import warmup_updates
 
     config = FinetuneConfig("resnet18", data="d", output="o", epochs=1)  # default --warmup-epochs 1
     assert config.warmup_epochs_used() == 0.5 and warmup_updates(config, 10) == 5
     assert FinetuneConfig("resnet18", data="d", output="o", epochs=2).warmup_warning() is None
-    result = run("finetune", *TINY, "--data", digit_tree, "--epochs", 1, "-o", tmp_path / "o")
+    result = run("finetune", *TINY, "--data", small_digits, "--epochs", 1, "-o", tmp_path / "o")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: --warmup-epochs 1 is more than half of --epochs 1; warming up for 0.5 epochs instead"]
-    too_long = run("finetune", *TINY, "--data", digit_tree, "--epochs", 2, "--warmup-epochs", 3, "-o", tmp_path / "p")
+    too_long = run("finetune", *TINY, "--data", small_digits, "--epochs", 2, "--warmup-epochs", 3, "-o", tmp_path / "p")
     assert too_long.exit_code == 2
     assert one_error_line(too_long.stderr) == "error: --warmup-epochs must be between 0 and --epochs, got 3.0"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import RetrofitError
@@ -177,6 +178,19 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def absolute_paths(self) -> "FinetuneConfig":
+        """A copy with file paths resolved (output, data, val_data, weights, dataset_root, a checkpoint
+        SOURCE): what a run records in ``config.json``, so settings compare equal from any folder."""
+        def absolute(p: str | None) -> str | None:
+            return None if p is None else str(Path(p).expanduser().resolve())
+
+        changes = {name: absolute(getattr(self, name)) for name in ("output", "val_data", "weights", "dataset_root")}
+        if not self.data.startswith("torchvision:"):
+            changes["data"] = absolute(self.data)
+        if self.source.endswith(".safetensors"):
+            changes["source"] = absolute(self.source)
+        return replace(self, **changes)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":

@@ -132,11 +132,26 @@ def transforms(config: dict[str, Any], *, hflip: float, scale: Sequence[float], 
     """
     from timm.data import create_transform
 
-    common = {k: config[k] for k in ("input_size", "interpolation", "mean", "std")}
+    common = {k: _tuple(config[k]) for k in ("input_size", "interpolation", "mean", "std")}
     train = create_transform(**common, is_training=True, hflip=hflip, scale=tuple(scale), color_jitter=color_jitter)
-    evaluate = create_transform(**common, is_training=False, crop_pct=config["crop_pct"],
-                                crop_mode=config.get("crop_mode"))
-    return train, evaluate
+    return train, eval_transform(config)
+
+
+def eval_transform(config: dict[str, Any]) -> Callable:
+    """timm's eval transform for a data config: resize to ``size / crop_pct``, centre crop, normalise.
+
+    The one evaluation transform of retrofit: fine-tuning validation and ``retrofit evaluate``
+    both use it (as timm's ``validate.py`` does). ``config`` may come from JSON (lists for tuples).
+    Maps a PIL RGB image to a normalised ``(3, H, W)`` float tensor.
+    """
+    from timm.data import create_transform
+
+    common = {k: _tuple(config[k]) for k in ("input_size", "interpolation", "mean", "std")}
+    return create_transform(**common, is_training=False, crop_pct=config["crop_pct"], crop_mode=config.get("crop_mode"))
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def build_splits(
@@ -212,51 +227,126 @@ def _can_download(cls: type) -> bool:
                for c in cls.__mro__ if c not in (object, Dataset) and "__init__" in vars(c))
 
 
-def _torchvision_splits(
-    name: str, train_transform: Callable, eval_transform: Callable, dataset_root: str | None, download: bool
-) -> Splits:
+def _torchvision_class(name: str) -> tuple[Any, tuple[dict[str, Any], dict[str, Any]]]:
+    """The torchvision dataset class ``name`` and its ``(train, test)`` split arguments."""
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, Dataset)):
         raise RetrofitError(f"unknown torchvision dataset {name!r} (e.g. torchvision:CIFAR10, torchvision:MNIST)")
-    root = Path(dataset_root or Path.home() / ".cache" / "retrofit" / "datasets")
     params = inspect.signature(cls).parameters
     if "train" in params:
-        split_args = ({"train": True}, {"train": False})
-    elif "split" in params:
-        split_args = ({"split": "train"}, {"split": "test"})
-    else:
-        raise RetrofitError(f"torchvision dataset {name} has no train/test split argument; export it as an ImageFolder")
+        return cls, ({"train": True}, {"train": False})
+    if "split" in params:
+        return cls, ({"split": "train"}, {"split": "test"})
+    raise RetrofitError(f"torchvision dataset {name} has no train/test split argument; export it as an ImageFolder")
+
+
+def _torchvision_open(cls: Any, name: str, root: Path, download: bool, split: dict[str, Any]) -> Any:
+    """One split of a torchvision dataset; a ``split="test"`` that does not exist (ImageNet) is its ``val``."""
     downloadable = _can_download(cls)
     if download and not downloadable:
         raise RetrofitError(f"torchvision cannot download {name}; place its files under {root} yourself "
                             "(see torchvision's documentation of the dataset) and run without --download")
     options = {"download": download} if downloadable else {}
     try:
-        train = cls(str(root), **options, **split_args[0])
         try:
-            val = cls(str(root), **options, **split_args[1])
+            return cls(str(root), **options, **split)
         except ValueError as e:  # a split= dataset without a test split (ImageNet): its val split
-            if split_args[1] != {"split": "test"} or "'test'" not in str(e):
+            if split != {"split": "test"} or "'test'" not in str(e):
                 raise
-            val = cls(str(root), **options, split="val")
+            return cls(str(root), **options, split="val")
     except RuntimeError as e:
         hint = ("; pass --download to fetch it" if downloadable and not download else
                 "" if downloadable else f"; torchvision cannot download {name}: place its files there yourself")
         raise RetrofitError(f"torchvision dataset {name} not found under {root}{hint} ({_one_line(e)})") from None
     except (OSError, ValueError) as e:
         raise RetrofitError(f"cannot open torchvision dataset {name} under {root}: {_one_line(e)}") from None
-    classes = [str(c) for c in getattr(train, "classes", [])]
+
+
+def _torchvision_classes(dataset: Any, name: str) -> list[str]:
+    classes = [str(c) for c in getattr(dataset, "classes", [])]
     if not classes:
-        targets = getattr(train, "targets", None) or getattr(train, "labels", None)
+        targets = getattr(dataset, "targets", None) or getattr(dataset, "labels", None)
         if targets is None:
             raise RetrofitError(f"torchvision dataset {name} does not say its classes")
         classes = [str(c) for c in sorted({int(t) for t in targets})]
+    return classes
+
+
+def _dataset_root(dataset_root: str | None) -> Path:
+    return Path(dataset_root or Path.home() / ".cache" / "retrofit" / "datasets")
+
+
+def _torchvision_splits(
+    name: str, train_transform: Callable, eval_transform: Callable, dataset_root: str | None, download: bool
+) -> Splits:
+    cls, (train_args, test_args) = _torchvision_class(name)
+    root = _dataset_root(dataset_root)
+    train, val = (_torchvision_open(cls, name, root, download, a) for a in (train_args, test_args))
+    classes = _torchvision_classes(train, name)
     if len(classes) < 2:
         raise RetrofitError(f"torchvision dataset {name} has fewer than 2 classes")
     return Splits(TorchvisionImages(train, train_transform), TorchvisionImages(val, eval_transform), classes,
                   f"torchvision:{name} under {root} ({len(train)} train, {len(val)} test images)")
+
+
+@dataclass
+class EvalData:
+    """The images to evaluate on: a dataset yielding ``(image (3, H, W), label)`` or a :class:`BadImage`,
+    the class names its labels index, and a one-line description."""
+
+    dataset: Dataset
+    classes: list[str]
+    description: str
+
+
+def open_eval_data(
+    data: str,
+    transform: Callable,
+    *,
+    classes: Sequence[str] | None = None,
+    dataset_root: str | None = None,
+    download: bool = False,
+) -> EvalData:
+    """Open evaluation images, labelled with a model's class list.
+
+    ``data``: an ImageFolder root holding ``val/`` (the folder fine-tuning validates on), a
+    folder of class folders, or ``torchvision:NAME`` (its test split). ``classes``: the model's
+    class names, in head order (a fine-tuned checkpoint records them); every class of the data
+    must be one of them. Without ``classes`` the labels follow ImageFolder's rule (sorted folder
+    names) or the torchvision dataset's own list.
+
+    Raises :class:`RetrofitError`: missing folder, no images, classes the model lacks, a
+    torchvision dataset that is unknown, absent (without ``download``) or named differently.
+    """
+    if data.startswith(TORCHVISION_PREFIX):
+        name = data[len(TORCHVISION_PREFIX):]
+        cls, (_, test_args) = _torchvision_class(name)
+        root = _dataset_root(dataset_root)
+        test = _torchvision_open(cls, name, root, download, test_args)
+        own = _torchvision_classes(test, name)
+        if classes is not None and list(classes) != own:
+            raise RetrofitError(f"torchvision:{name} names its classes differently from the model "
+                                f"({', '.join(own[:3])}, … vs {', '.join(list(classes)[:3])}, …)")
+        return EvalData(TorchvisionImages(test, transform), own, f"torchvision:{name} test split ({len(test)} images)")
+    root = Path(data)
+    if not root.is_dir():
+        raise RetrofitError(f"data folder not found: {root}" if not root.exists() else
+                            f"--data {root} is a file; give a folder of class folders or torchvision:NAME")
+    folder = root / "val" if (root / "val").is_dir() else root
+    found = _class_folders(folder)
+    if not found:
+        raise RetrofitError(f"{folder} has no class folders (<class>/<image>)")
+    names = list(classes) if classes is not None else found
+    unknown = [c for c in found if c not in names]
+    if unknown:
+        raise RetrofitError(f"{folder} has classes the model lacks: {', '.join(unknown[:5])} "
+                            f"(the model's: {', '.join(names[:5])}{', …' if len(names) > 5 else ''})")
+    dataset = ImageTree(folder, {c: i for i, c in enumerate(names)}, transform)
+    if len(dataset) == 0:
+        raise RetrofitError(f"no images in {folder} (looked for {_extensions()} files in its class folders)")
+    return EvalData(dataset, names, f"{folder} ({len(dataset)} images)")
 
 
 def collate(batch: list[tuple[torch.Tensor, int] | BadImage]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[BadImage]]:
