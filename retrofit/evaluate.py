@@ -127,6 +127,7 @@ def evaluate(
     *,
     weights: str | os.PathLike | None = None,
     pretrained: bool = True,
+    num_classes: int | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     device: str = "auto",
@@ -167,7 +168,9 @@ def evaluate(
     for setting, value, options in (("device", device, DEVICES), ("precision", precision, PRECISIONS)):
         if value not in options:
             raise RetrofitError(f"unknown {setting} {value!r}; choose one of: {', '.join(options)}")
-    model = target if isinstance(target, nn.Module) else load_target(target, pretrained=pretrained, weights=weights)
+    model = target if isinstance(target, nn.Module) else load_target(
+        target, pretrained=pretrained, weights=weights, num_classes=num_classes
+    )
     config = model_data_config(model)
     opened = open_eval_data(data, eval_transform(config), classes=recorded_classes(model),
                             dataset_root=dataset_root, download=download)

@@ -297,3 +297,5 @@ def test_every_model_building_command_takes_num_classes(photos, tmp_path):
     assert retrofit.load_checkpoint(out).fc.out_features == 3
     result = runner.invoke(app, ["predict", str(out), str(photos[0]), "--num-classes", "3"])
     assert result.exit_code == 2 and "--num-classes applies to a model name" in result.output
+    result = runner.invoke(app, ["report", "params-flops", "resnet18", "--num-classes", "10", "--json"])
+    assert json.loads(result.stdout)["model"]["params"] == 11_689_512 - 990 * 513  # a 10-class fc: 513 per class

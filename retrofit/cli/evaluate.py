@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .add import JsonOpt, NoPretrainedOpt, WeightsOpt, check_weight_flags
+from .add import JsonOpt, NoPretrainedOpt, NumClassesOpt, WeightsOpt, check_weight_flags
 from .app import app, fail, handle_errors
 
 DataOpt = Annotated[str, typer.Option(
@@ -26,6 +26,7 @@ def evaluate(
     weights: WeightsOpt = None,
     other_weights: Annotated[Optional[Path], typer.Option("--other-weights", help="Local weights for TARGET2 when it is a model name.")] = None,
     no_pretrained: NoPretrainedOpt = False,
+    num_classes: NumClassesOpt = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Add the accuracy of each class.")] = False,
     predictions: Annotated[Optional[Path], typer.Option(
         "--predictions", help="Write one CSV row per image: path, label, predicted, probability.")] = None,
@@ -47,6 +48,9 @@ def evaluate(
 
     if target2 is None and other_weights is not None:
         fail("--other-weights applies to TARGET2, and no TARGET2 is given")
+    from ..limits import check_block_numbers
+
+    check_block_numbers(num_classes=num_classes)
     check_weight_flags(target, weights, False, "--weights", "TARGET")
     if target2 is not None:
         check_weight_flags(target2, other_weights, False, "--other-weights", "TARGET2")
@@ -65,9 +69,11 @@ def evaluate(
     from ..train.model import num_classes
 
     console = Console(stderr=True)
-    models = [load_target(target, pretrained=not no_pretrained, weights=weights)]
+    n = {} if num_classes is None else {"num_classes": num_classes}  # for whichever target is a model name
+    models = [load_target(target, pretrained=not no_pretrained, weights=weights, **({} if is_checkpoint(target) else n))]
     if target2 is not None:
-        models.append(load_target(target2, pretrained=not no_pretrained, weights=other_weights))
+        models.append(load_target(target2, pretrained=not no_pretrained, weights=other_weights,
+                                  **({} if is_checkpoint(target2) else n)))
         a, b = models
         if recorded_classes(a) != recorded_classes(b) or num_classes(a) != num_classes(b):
             fail(f"{target} and {target2} name their classes differently ({num_classes(a)} and {num_classes(b)} "

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .add import NoPretrainedOpt, WeightsOpt, check_weight_flags
+from .add import NoPretrainedOpt, NumClassesOpt, WeightsOpt, check_weight_flags
 from .app import app, fail, handle_errors, parse_input_size
 
 report_app = typer.Typer(help="Reports on a model or a retrofit checkpoint.", no_args_is_help=True)
@@ -71,6 +71,7 @@ def params_flops(
     latency: Annotated[bool, typer.Option("--latency", help="Also time the forward pass (median of 20).")] = False,
     weights: WeightsOpt = None,
     no_pretrained: NoPretrainedOpt = False,
+    num_classes: NumClassesOpt = None,
 ) -> None:
     """Parameters, MACs, FLOPs and element ops of TARGET; for a checkpoint, base → retrofitted with Δ and %.
 
@@ -79,6 +80,9 @@ def params_flops(
     if sum((as_json, as_markdown, as_csv)) > 1:
         fail("choose one of --json, --markdown, --csv")
     check_weight_flags(target, weights, no_pretrained)
+    from ..limits import check_block_numbers
+
+    check_block_numbers(num_classes=num_classes)
     size = parse_input_size(input_size)  # three positive integers within retrofit.limits
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
@@ -91,7 +95,8 @@ def params_flops(
     from ..profiling.report import profile_target
 
     report = profile_target(target, tuple(size) if size is not None else None, batch_size, pretrained=not no_pretrained,
-                            weights=str(weights) if weights is not None else None, latency=latency)
+                            weights=str(weights) if weights is not None else None, latency=latency,
+                            num_classes=num_classes)
     data = report.to_dict()
     if as_json:
         typer.echo(json.dumps(data, indent=2))

@@ -105,6 +105,7 @@ def profile_target(
     pretrained: bool = True,
     weights: str | None = None,
     latency: bool = False,
+    num_classes: int | None = None,
 ) -> TargetReport:
     """Profile a model name, or a retrofit checkpoint together with its base architecture.
 
@@ -114,7 +115,8 @@ def profile_target(
     and ViTs), and a ``weights`` file is loaded strictly, so it must fit the architecture and
     never changes a count. A checkpoint (``*.safetensors``) is loaded with
     :func:`retrofit.load_checkpoint` (its own file); its base is the recipe's source architecture
-    built without blocks and without weights. ``input_size`` ``None``: ``(3, 224, 224)``, or for
+    built without blocks and without weights. ``num_classes`` sizes a model name's classifier
+    (a checkpoint has its own). ``input_size`` ``None``: ``(3, 224, 224)``, or for
     a checkpoint written by ``retrofit finetune`` the input size it was trained at (its recorded
     data config).
 
@@ -123,7 +125,10 @@ def profile_target(
     """
     size = check_size(input_size, batch_size) if input_size is not None else None  # before any loading
     checkpoint = is_checkpoint(target)
-    model = load_target(target, weights=weights) if checkpoint else architecture(target, pretrained, weights)
+    if checkpoint:
+        model = load_target(target, weights=weights, num_classes=num_classes)
+    else:
+        model = architecture(target, pretrained, weights, num_classes)
     if size is None:
         trained = (getattr(model, "retrofit_data_config", None) or {}).get("input_size")
         size = check_size(tuple(int(v) for v in trained) if trained else (3, 224, 224), batch_size)
@@ -139,7 +144,8 @@ def profile_target(
     return TargetReport(str(target), "checkpoint", source["model"], retrofitted, base)
 
 
-def architecture(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Module:
+def architecture(name: str, pretrained: bool = True, weights: str | None = None,
+                 num_classes: int | None = None) -> nn.Module:
     """The model ``name`` names, built without downloading anything (eval mode, CPU).
 
     With ``weights`` the local file is loaded (strictly, by :func:`retrofit.load_model`), so a
@@ -151,7 +157,8 @@ def architecture(name: str, pretrained: bool = True, weights: str | None = None)
         RetrofitError: unknown name, bad weights file, an ``hf-hub:`` name whose configuration
             is neither reachable nor cached.
     """
+    head = {} if num_classes is None else {"num_classes": num_classes}
     if weights is not None:
-        return load_model(name, weights=weights)[0]
+        return load_model(name, weights=weights, **head)[0]
     kwargs = pretrained_architecture_kwargs(parse_name(name)) if pretrained else {}
-    return load_model(name, pretrained=False, **kwargs)[0]
+    return load_model(name, pretrained=False, **kwargs, **head)[0]
