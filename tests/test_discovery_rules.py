@@ -37,14 +37,15 @@ class _InplaceResidual(nn.Module):
         return x
 
 
-def test_regenerated_forward_adds_in_place_into_the_gate_output():
+def test_regenerated_forward_adds_in_place_into_the_branch():
     model = nn.Sequential(_conv(), _InplaceResidual())
     seen = {}
     model, inserted = retrofit.add_attention(model, "eca", input_size=SIZE)
     assert [s.key for s in inserted] == ["1.eca"]
-    model[1].eca.register_forward_hook(lambda m, a, out: seen.setdefault("gate", out))
+    model[1].conv.register_forward_hook(lambda m, a, out: seen.setdefault("branch", out))
     out = _run(model, torch.randn(2, *SIZE))
-    assert out.data_ptr() == seen["gate"].data_ptr()  # `eca += shortcut`, not a new tensor
+    # `x += shortcut` became `x = shortcut + x · gate` written into x (one addcmul), not a new tensor
+    assert out.data_ptr() == seen["branch"].data_ptr()
 
 
 class _ChannelsLast(nn.Module):
