@@ -95,7 +95,7 @@ def _predictions(path: Path) -> tuple[list[str], list[bool]]:
 
 def _macs(checkpoint: Path, input_size: Any) -> int:
     from ..checkpoint import load_checkpoint
-    from ..profile import profile
+    from ..profiling.profile import profile
 
     model = load_checkpoint(checkpoint)
     return profile(model, tuple(input_size) if input_size else (3, 224, 224)).macs
