@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .errors import RetrofitError
-from .models import SOURCE_MARK, ModelSpec, build, load_state_dict_strict
+from .models import SOURCE_MARK, ModelSpec, build
+from .weights import load_state_dict_strict
 from .recipe import Recipe, recipe_of
 from .verify import check_rebuild
 from .surgery import MODEL_MARK, Retrofit, apply_plan

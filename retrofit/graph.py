@@ -33,7 +33,7 @@ import dataclasses
 import operator
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -50,6 +50,7 @@ from .probe import (
     preserved_state,
     same_output,
 )
+from .stages import stage_numbers, stride_of
 from .trace import timm_notrace_modules, trace_owner
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -240,42 +241,6 @@ def is_feature_map(shape: torch.Size, input_size: tuple[int, int, int]) -> bool:
     return abs(h * in_w - w * in_h) <= max(in_h, in_w)
 
 
-def stages_measurable(sites: Sequence[Site]) -> bool:
-    """Whether the sites' stride stages can be read off the probe: no residual map of 1 pixel.
-
-    A map that has shrunk to one pixel (a probe input smaller than the model's stride) looks the
-    same at every later stride, so its stage number would be wrong; ``--stages`` and per-stage
-    kernel sizes refuse such a probe.
-    """
-    return all(min(s.height, s.width) > 1 for s in sites)
-
-
-def _stride(input_h: int, h: int) -> int:
-    """The power-of-two stride that shrinks ``input_h`` rows to ``h``."""
-    import math
-
-    return 2 ** round(math.log2(max(input_h / h, 1)))
-
-
-def _stages(model: nn.Module, strides: list[int]) -> list[int]:
-    """Stage numbers for sites at ``strides``.
-
-    timm's numbering when it covers every site: the index of the ``model.feature_info`` entry with
-    that reduction (ResNet ``layer1`` … ``layer4`` → 1 … 4, ConvNeXt ``stages.0`` … ``stages.3`` →
-    0 … 3). Otherwise (torchvision, or a site at a stride feature_info does not list) the stride
-    level: stride 4 → 1, 8 → 2, 16 → 3, 32 → 4, which is the same for ResNets.
-    """
-    info = getattr(model, "feature_info", None)
-    by_reduction: dict[int, int] = {}
-    if isinstance(info, list):
-        for i, entry in enumerate(info):
-            if isinstance(entry, dict) and isinstance(entry.get("reduction"), int):
-                by_reduction.setdefault(entry["reduction"], i)
-    if strides and all(s in by_reduction for s in strides):
-        return [by_reduction[s] for s in strides]
-    return [max(0, s.bit_length() - 2) for s in strides]
-
-
 def _other_forward_paths(model: nn.Module) -> list[str]:
     """The root's public methods besides ``forward`` that compute features (timm's
     ``forward_features``, ``forward_head``, ``forward_intermediates``).
@@ -399,13 +364,13 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
                         in_channels=int(in_shape[1]) if in_shape is not None and len(in_shape) == 4 else int(sa[1]),
                         height=int(sa[2]),
                         width=int(sa[3]),
-                        stage=_stride(input_size[1], int(sa[2])),  # a stride until numbered below
+                        stage=stride_of(input_size[1], int(sa[2])),  # a stride until numbered below
                         fixed_args=tuple(fixed.items()),
                         in_height=int(in_shape[2]) if in_shape is not None and len(in_shape) == 4 else int(sa[2]),
                         in_width=int(in_shape[3]) if in_shape is not None and len(in_shape) == 4 else int(sa[3]),
                         unit_input_is_map=in_shape is not None,
                     )
                 )
-    stages = _stages(model, [s.stage for s in sites])
+    stages = stage_numbers(model, [s.stage for s in sites])
     sites = [dataclasses.replace(s, stage=stage) for s, stage in zip(sites, stages)]
     return sites, failures

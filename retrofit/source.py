@@ -147,7 +147,7 @@ def head_kwargs(spec: ModelSpec, shapes: Shapes) -> dict[str, Any] | None:
     whole architecture then matches.
     """
     own = _meta_shapes(spec)
-    # BatchNorm counters may be absent from a file (see models.load_state_dict_strict)
+    # BatchNorm counters may be absent from a file (see weights.load_state_dict_strict)
     shapes = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
     own = {k: v for k, v in (own or {}).items() if not k.endswith("num_batches_tracked")}
     if not own or own.keys() != shapes.keys():

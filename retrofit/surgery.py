@@ -26,7 +26,8 @@ from torch import nn
 
 from .blocks import block_class, create_block
 from .errors import RetrofitError
-from .graph import Site, TraceFailure, find_sites, stages_measurable
+from .graph import Site, TraceFailure, find_sites
+from .stages import stages_measurable
 from .probe import default_input_size, preserved_state
 from .rewrite import free_names, rewrite_owner
 

@@ -69,7 +69,7 @@ def check_rebuild(model: nn.Module, recipe: Recipe) -> None:
     """
     from .checkpoint import rebuild
     from .probe import default_input_size, inspection_mode, probe_input, same_output
-    from .models import load_state_dict_strict
+    from .weights import load_state_dict_strict
 
     digest = _recipe_digest(recipe)
     if getattr(model, VERIFIED_MARK, None) == digest:

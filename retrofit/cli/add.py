@@ -102,7 +102,7 @@ def run_add(
     check_placement_and_init(placement, init)
     check_weight_flags(model, weights, no_pretrained, name="MODEL")
     if weights is not None:
-        from ..models import check_weights_path
+        from ..weights import check_weights_path
 
         check_weights_path(weights)
     # the inputs are all named above; now the output (an existing one is never replaced silently)
@@ -352,7 +352,8 @@ def sites(
 
     check_block_numbers(num_classes=num_classes)
     from ..errors import RetrofitError
-    from ..graph import default_input_size, find_sites, stages_measurable
+    from ..graph import default_input_size, find_sites
+    from ..stages import stages_measurable
     from ..models import load_model
 
     net, _, _ = load_model(model, pretrained=False, **model_kwargs(num_classes))

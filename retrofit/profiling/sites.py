@@ -85,7 +85,7 @@ def site_rows(
     if record is None:
         return ()
     from ..blocks import block_class
-    from ..graph import _stages, _stride
+    from ..stages import stage_numbers as _stages, stride_of as _stride
 
     rows_by_name = {m.name: m for m in modules}
 

@@ -17,7 +17,6 @@ to the training loop, which stops naming the file or, with ``skip_bad_images``, 
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,24 +87,6 @@ class ImageTree(Dataset):
             return BadImage(path, _one_line(e))
 
 
-class TorchvisionImages(Dataset):
-    """A torchvision dataset returning ``(PIL image, label)``, converted to RGB and transformed."""
-
-    def __init__(self, dataset: Any, transform: Callable):
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadImage:
-        try:
-            image, target = self.dataset[index]
-            return self.transform(to_rgb(image)), int(target)
-        except Exception as e:
-            return BadImage(f"{type(self.dataset).__name__}[{index}]", _one_line(e))
-
-
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
@@ -172,7 +153,9 @@ def build_splits(
     if data.startswith(TORCHVISION_PREFIX):
         if val_data is not None:
             raise RetrofitError("--val-data applies to an ImageFolder tree, not to a torchvision dataset")
-        return _torchvision_splits(data[len(TORCHVISION_PREFIX):], train_transform, eval_transform, dataset_root, download)
+        from .torchvision_data import torchvision_splits
+
+        return torchvision_splits(data[len(TORCHVISION_PREFIX):], train_transform, eval_transform, dataset_root, download)
     root = Path(data)
     if root.exists() and not root.is_dir():
         raise RetrofitError(f"--data {root} is a file; give an ImageFolder folder or torchvision:NAME")
@@ -220,77 +203,6 @@ def _extensions() -> str:
     return "/".join(IMG_EXTENSIONS[:4]) + "/…"
 
 
-def _can_download(cls: type) -> bool:
-    """Whether torchvision can fetch this dataset: its constructor, or one it hands its arguments to
-    (EMNIST → MNIST), takes ``download``. ImageNet's does not (its archives need a manual download)."""
-    return any("download" in inspect.signature(c.__init__).parameters
-               for c in cls.__mro__ if c not in (object, Dataset) and "__init__" in vars(c))
-
-
-def _torchvision_class(name: str) -> tuple[Any, tuple[dict[str, Any], dict[str, Any]]]:
-    """The torchvision dataset class ``name`` and its ``(train, test)`` split arguments."""
-    import torchvision.datasets as tvd
-
-    cls = getattr(tvd, name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, Dataset)):
-        raise RetrofitError(f"unknown torchvision dataset {name!r} (e.g. torchvision:CIFAR10, torchvision:MNIST)")
-    params = inspect.signature(cls).parameters
-    if "train" in params:
-        return cls, ({"train": True}, {"train": False})
-    if "split" in params:
-        return cls, ({"split": "train"}, {"split": "test"})
-    raise RetrofitError(f"torchvision dataset {name} has no train/test split argument; export it as an ImageFolder")
-
-
-def _torchvision_open(cls: Any, name: str, root: Path, download: bool, split: dict[str, Any]) -> Any:
-    """One split of a torchvision dataset; a ``split="test"`` that does not exist (ImageNet) is its ``val``."""
-    downloadable = _can_download(cls)
-    if download and not downloadable:
-        raise RetrofitError(f"torchvision cannot download {name}; place its files under {root} yourself "
-                            "(see torchvision's documentation of the dataset) and run without --download")
-    options = {"download": download} if downloadable else {}
-    try:
-        try:
-            return cls(str(root), **options, **split)
-        except ValueError as e:  # a split= dataset without a test split (ImageNet): its val split
-            if split != {"split": "test"} or "'test'" not in str(e):
-                raise
-            return cls(str(root), **options, split="val")
-    except RuntimeError as e:
-        hint = ("; pass --download to fetch it" if downloadable and not download else
-                "" if downloadable else f"; torchvision cannot download {name}: place its files there yourself")
-        raise RetrofitError(f"torchvision dataset {name} not found under {root}{hint} ({_one_line(e)})") from None
-    except (OSError, ValueError) as e:
-        raise RetrofitError(f"cannot open torchvision dataset {name} under {root}: {_one_line(e)}") from None
-
-
-def _torchvision_classes(dataset: Any, name: str) -> list[str]:
-    classes = [str(c) for c in getattr(dataset, "classes", [])]
-    if not classes:
-        targets = getattr(dataset, "targets", None) or getattr(dataset, "labels", None)
-        if targets is None:
-            raise RetrofitError(f"torchvision dataset {name} does not say its classes")
-        classes = [str(c) for c in sorted({int(t) for t in targets})]
-    return classes
-
-
-def _dataset_root(dataset_root: str | None) -> Path:
-    return Path(dataset_root or Path.home() / ".cache" / "retrofit" / "datasets")
-
-
-def _torchvision_splits(
-    name: str, train_transform: Callable, eval_transform: Callable, dataset_root: str | None, download: bool
-) -> Splits:
-    cls, (train_args, test_args) = _torchvision_class(name)
-    root = _dataset_root(dataset_root)
-    train, val = (_torchvision_open(cls, name, root, download, a) for a in (train_args, test_args))
-    classes = _torchvision_classes(train, name)
-    if len(classes) < 2:
-        raise RetrofitError(f"torchvision dataset {name} has fewer than 2 classes")
-    return Splits(TorchvisionImages(train, train_transform), TorchvisionImages(val, eval_transform), classes,
-                  f"torchvision:{name} under {root} ({len(train)} train, {len(val)} test images)")
-
-
 @dataclass
 class EvalData:
     """The images to evaluate on: a dataset yielding ``(image (3, H, W), label)`` or a :class:`BadImage`,
@@ -322,10 +234,13 @@ def open_eval_data(
     """
     if data.startswith(TORCHVISION_PREFIX):
         name = data[len(TORCHVISION_PREFIX):]
-        cls, (_, test_args) = _torchvision_class(name)
-        root = _dataset_root(dataset_root)
-        test = _torchvision_open(cls, name, root, download, test_args)
-        own = _torchvision_classes(test, name)
+        from .torchvision_data import TorchvisionImages, dataset_root_folder, torchvision_class, torchvision_classes
+        from .torchvision_data import torchvision_open
+
+        cls, (_, test_args) = torchvision_class(name)
+        root = dataset_root_folder(dataset_root)
+        test = torchvision_open(cls, name, root, download, test_args)
+        own = torchvision_classes(test, name)
         if classes is not None and list(classes) != own:
             raise RetrofitError(f"torchvision:{name} names its classes differently from the model "
                                 f"({', '.join(own[:3])}, … vs {', '.join(list(classes)[:3])}, …)")

@@ -125,7 +125,7 @@ class Trainer:
         self.forward_model: nn.Module = model
 
     def _restore(self, state: Any) -> None:
-        from ..models import load_state_dict_strict
+        from ..weights import load_state_dict_strict
 
         load_state_dict_strict(self.model, state.model, f"{STATE_FILE} (model)")
         if self.ema is not None:
