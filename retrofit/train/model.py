@@ -99,7 +99,36 @@ def replace_head(model: nn.Module, classes: int, *, force: bool = False) -> bool
     if source:
         source["kwargs"] = {**dict(source.get("kwargs") or {}), "num_classes": classes}
         setattr(model, SOURCE_MARK, source)
+        if source.get("zoo") == "torchvision":
+            _resize_auxiliary_heads(model, source)
     return True
+
+
+def _resize_auxiliary_heads(model: nn.Module, source: dict) -> None:
+    """torchvision's auxiliary classifiers (GoogLeNet ``aux1``/``aux2``, Inception-v3 ``AuxLogits``) get
+    the new class count too, so the model is what the builder makes for it (and its checkpoint reloads).
+
+    Every ``nn.Linear`` whose width differs from the builder's at the new ``num_classes`` (built on
+    the meta device) is replaced by a fresh one of that width.
+    """
+    import torch
+
+    from ..models import ModelSpec, build
+
+    with torch.device("meta"):
+        reference = build(ModelSpec(source["model"], "torchvision", dict(source["kwargs"])))
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        try:
+            want = reference.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(want, nn.Linear) and want.out_features != module.out_features:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, nn.Linear(module.in_features, want.out_features, bias=module.bias is not None,
+                                            device=module.weight.device, dtype=module.weight.dtype))
 
 
 def new_parameter_names(model: nn.Module) -> set[str]:
