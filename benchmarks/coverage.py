@@ -5,8 +5,10 @@ For each architecture (random init, ``pretrained=False``, eval mode, one CPU thr
 1. build it and find the smallest input it accepts (64×64 first, then 96, 128, then the
    model's default size);
 2. take an **addition census** of one forward pass: every tensor addition, attributed to the
-   module whose own code performs it, sorted into 4-D feature-map additions of two activations
-   of the same shape (residual-like), token additions (2-D/3-D, transformers) and others;
+   module whose own code performs it, sorted into ``(N, C, H, W)`` feature-map additions of two
+   activations of the same shape (residual-like), channels-last ``(N, H, W, C)`` map additions
+   (Swin, VOLO, MambaOut), other 4-D additions (per-head tensors, windows), token additions
+   (2-D/3-D, transformers) and others;
 3. ``retrofit.add_attention(model, "eca")`` with identity init, at that input size;
 4. check that eval-mode outputs equal the original's (max |Δ| ≤ 1e-5 · max(1, max|y|)), and
    train-mode outputs too (same RNG seed, so dropout / drop-path draw the same masks);
@@ -17,8 +19,9 @@ Each model ends in one outcome:
 
 * ``pass`` — sites inserted, outputs unchanged, checkpoint round trip exact;
 * ``no-site`` — ``add_attention`` refuses with "no residual site" and the census agrees: the
-  model adds no 4-D feature maps (``tokens-only``: transformers, whose residuals are 3-D token
-  additions and are not sites; ``no-additions``: VGG, DenseNet, …; ``other-additions``);
+  model adds no ``(N, C, H, W)`` residual maps (``channels-last``: Swin-style ``(N, H, W, C)``
+  residuals; ``tokens-only``: transformers, whose residuals are token additions; neither is a
+  site; ``no-additions``: VGG, DenseNet, …; ``other-additions``);
 * ``fail`` — anything else, with the error: an engine exception, a refusal of a model whose
   census has residual additions, or (a bug) outputs that differ;
 * ``skip`` — the sweep could not judge the model: too large for the sweep machine, over the
@@ -279,52 +282,67 @@ def _fixed_input_size(name: str) -> bool:
 def addition_census(model: Any, x: Any) -> dict[str, Any]:
     """Every tensor addition of one eval forward, attributed to the module whose own code does it.
 
-    Returns ``{"residual": {owner: n}, "channels_last": n, "tokens": n, "other": n}``:
-    ``residual`` counts additions of two activations of the same ``(N, C, H, W)`` shape
-    (parameters and buffers excluded — those are biases and positional embeddings) in a module
-    whose input is an ``(N, C, H, W)`` map too (so not attention logits of token models);
-    ``channels_last`` other 4-D additions of two same-shape activations (Swin-style
-    ``(N, H, W, C)`` maps, windows, attention logits ``(N, heads, L, L)``),
-    ``tokens`` 2-D/3-D additions, ``other`` the rest (broadcasts, scalars). Unlike retrofit's
-    fx analysis this sees inside modules that cannot be traced, so it tells whether a model
-    that yields no site really has none.
-    """
-    from retrofit.graph import is_feature_map
+    ``x``: the probe batch ``(N, C, H, W)``. Returns ``{"residual": {owner: n}, "channels_last": n,
+    "other_4d": n, "tokens": n, "other": n}``, counting additions of two same-shape activations
+    (parameters and buffers excluded — those are biases and positional embeddings):
 
+    * ``residual`` — ``(N, C, H, W)`` maps in a module whose input is such a map too (so not a
+      convolutional position encoding inside a token module);
+    * ``channels_last`` — Swin/VOLO/MambaOut-style ``(N, H, W, C)`` maps (see :func:`_on_grid`)
+      in a module whose input is such a map too, counted only when *every* 4-D addition that
+      module class makes in the forward is on such a grid: a class whose additions are on
+      ``(N, h, w, C)`` at one stage and not at another (NesT's ``(N, blocks, tokens, C)``, which
+      at 64 px reads ``(2, 16, 16, 96)`` in its first stage) holds no spatial map;
+    * ``other_4d`` — the other 4-D additions: per-head tensors and attention logits
+      ``(N, heads, L, ·)`` (rotary embeddings, relative position biases), windows ``(N·k, …)``,
+      blocks of tokens, and ``(N, C, H, W)`` maps added inside modules that take tokens;
+    * ``tokens`` — 2-D/3-D additions; ``other`` — the rest (broadcasts, scalars, constants).
+
+    Unlike retrofit's fx analysis this sees inside modules that cannot be traced, so it tells
+    whether a model that yields no site really has none.
+    """
     import torch
     from torch.overrides import TorchFunctionMode
 
+    from retrofit.graph import is_feature_map
+
     adds = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__iadd__,
             torch.Tensor.__radd__}
+    size = tuple(x.shape[1:])
     constants = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    stack = [("", False)]  # (module path, whether its first input is an (N, C, H, W) map)
+    stack: list[tuple[str, type | None, Any]] = [("", None, None)]  # (module path, class, first input)
     residual: Counter = Counter()
     counts = Counter()
+    by_class: dict[type | None, list[bool]] = defaultdict(list)  # per 4-D addition: on a grid?
 
     class Census(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if func in adds and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]):
                 a, b = args[0], args[1]
+                path, cls, first = stack[-1]
                 if id(a) in constants or id(b) in constants or a.shape != b.shape:
                     counts["other"] += 1
-                elif stack[-1][1] and is_map(a):
-                    residual[stack[-1][0]] += 1
+                elif is_map(a) and is_map(first):
+                    residual[path] += 1
                 elif a.dim() == 4:
-                    counts["channels_last"] += 1
+                    by_class[cls].append(_on_grid(a.shape, size) and _on_grid(shape_of(first), size))
                 elif a.dim() in (2, 3):
                     counts["tokens"] += 1
                 else:
                     counts["other"] += 1
             return func(*args, **(kwargs or {}))
 
-    def leave(module: Any, args: Any, output: Any) -> None:
-        stack.pop()
+    def shape_of(t: Any) -> tuple:
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
 
     def is_map(t: Any) -> bool:
-        return isinstance(t, torch.Tensor) and is_feature_map(t.shape, tuple(x.shape[1:]))
+        return isinstance(t, torch.Tensor) and is_feature_map(t.shape, size)
 
     def enter(module: Any, args: tuple, path: str) -> None:
-        stack.append((path, bool(args) and is_map(args[0])))
+        stack.append((path, type(module), args[0] if args else None))
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        stack.pop()
 
     handles = []
     for path, module in model.named_modules():
@@ -336,19 +354,39 @@ def addition_census(model: Any, x: Any) -> dict[str, Any]:
     finally:
         for h in handles:
             h.remove()
-    return {"residual": dict(residual), **{k: counts[k] for k in ("channels_last", "tokens", "other")}}
+    for on_grid in by_class.values():
+        counts["channels_last" if all(on_grid) else "other_4d"] += len(on_grid)
+    return {"residual": dict(residual), **{k: counts[k] for k in ("channels_last", "other_4d", "tokens", "other")}}
+
+
+def _on_grid(shape: tuple, input_size: tuple[int, int, int]) -> bool:
+    """Whether ``shape`` reads as a channels-last ``(N, h, w, C)`` map of a ``(C, H, W)`` input.
+
+    N is the probe batch and ``h × w`` the input's ``H × W`` over one stride: the aspect ratio
+    within a pixel (:func:`retrofit.graph.is_feature_map` on the permuted shape), and no larger
+    than the input. Attention logits ``(N, heads, L, L)`` and per-head tensors pass only when the
+    head count happens to equal the token count, which :func:`addition_census`'s two further
+    tests (the module's input is such a map too; its class adds such maps at every stage) catch.
+    """
+    from retrofit.graph import is_feature_map
+
+    if len(shape) != 4:
+        return False
+    n, h, w, c = (int(d) for d in shape)
+    return h <= input_size[1] and w <= input_size[2] and is_feature_map((n, c, h, w), input_size)
 
 
 def no_site_kind(census: dict[str, Any]) -> str:
-    """Why a model has no site, from its addition census.
+    """Why a model has no site, from its addition census (see :func:`addition_census`).
 
-    Residual additions of 4-D maps that are not ``(N, C, H, W)`` (Swin/VOLO-style ``(N, H, W, C)``
-    blocks) make a model *channels-last* even when it also adds 3-D tokens (patch merging,
-    heads); only a model whose residuals are all 3-D tokens is *tokens-only*.
+    Residual additions of channels-last ``(N, H, W, C)`` maps (Swin, VOLO, MambaOut blocks) make a
+    model *channels-last* even when it also adds 3-D tokens (patch merging, heads). Otherwise a
+    model that adds tokens — 3-D ``(N, L, C)``, or grouped in 4-D by head, window or block (NesT's
+    ``(N, blocks, tokens, C)``, rotary embeddings' ``(N, heads, L, d)``) — is *tokens-only*.
     """
     if census["channels_last"]:
         return "channels-last"
-    if census["tokens"]:
+    if census["tokens"] or census.get("other_4d"):
         return "tokens-only"
     return "other-additions" if census["other"] else "no-additions"
 
@@ -365,8 +403,7 @@ def check_model(zoo: str, name: str, workdir: str | os.PathLike | None = None) -
     """
     import torch
 
-    from retrofit import RetrofitError, add_attention, load_checkpoint, load_model, save_checkpoint
-    from retrofit.blocks import ChannelGate
+    from retrofit import RetrofitError, add_attention, load_checkpoint, save_checkpoint
     from retrofit.graph import _other_forward_paths, find_sites
 
     start = time.perf_counter()
@@ -431,15 +468,8 @@ def check_model(zoo: str, name: str, workdir: str | os.PathLike | None = None) -
     if rec["eval_diff"] > RTOL or rec.get("train_diff", 0.0) > RTOL:
         return done("fail", "wrong-output", f"outputs differ: eval {rec['eval_diff']:.3g}, train {rec.get('train_diff')}")
 
-    # pickle (torch.save(model), spawn) must carry every gate: count the gates a forward calls
     try:
-        pickled = pickle.loads(pickle.dumps(model))
-        called = []
-        for gate in (m for m in pickled.modules() if isinstance(m, ChannelGate)):
-            gate.register_forward_hook(lambda *_: called.append(1))
-        rec["pickle_diff"] = max_difference(reference, _forward(pickled, x))
-        rec["pickle_gates_called"] = len(called)
-        del pickled
+        rec["pickle_diff"], rec["pickle_gates_called"] = pickle_round_trip(model, x, reference)
     except Exception as e:
         return done("fail", "pickle-error", _first_line(e))
     if rec["pickle_diff"] > RTOL or rec["pickle_gates_called"] != rec["sites"]:
@@ -459,6 +489,161 @@ def check_model(zoo: str, name: str, workdir: str | os.PathLike | None = None) -
     if rec["reload_diff"] > RTOL:
         return done("fail", "wrong-reload", f"reloaded outputs differ by {rec['reload_diff']:.3g}")
     return done("pass", "partial" if rec["owners_without_site"] else "all-sites")
+
+
+def pickle_round_trip(model: Any, x: Any, reference: Any) -> tuple[float, int]:
+    """``pickle.loads(pickle.dumps(model))`` run on ``x``: ``(max_difference to reference, gates called)``.
+
+    Pickle is what ``torch.save(model)`` and spawn-based multiprocessing use; a rewritten owner
+    whose forward did not survive it would compute the original network, so the gates a forward
+    of the copy calls are counted (every inserted one must be).
+    """
+    from retrofit.blocks import ChannelGate
+
+    pickled = pickle.loads(pickle.dumps(model))
+    called = []
+    for gate in (m for m in pickled.modules() if isinstance(m, ChannelGate)):
+        gate.register_forward_hook(lambda *_: called.append(1))
+    return max_difference(reference, _forward(pickled, x)), len(called)
+
+
+# --------------------------------------------------------------------------- detection, segmentation
+
+DENSE_ZOO = "torchvision-dense"
+DENSE_RESULTS = ROOT / "benchmarks" / "results" / "coverage_dense.jsonl"
+#: Side of the square probe images. Segmenters run at it; detectors resize every image to their
+#: ``min_size`` first (800 px for the R-CNNs, 320 for the 320 variants, 300 for SSD300).
+DENSE_SIDE = 64
+DENSE_BUDGET = 1800.0
+
+
+def list_dense_models() -> list[tuple[str, str]]:
+    """``("torchvision", name)`` of every torchvision detection and segmentation builder."""
+    import torchvision
+
+    models = torchvision.models
+    names = models.list_models(module=models.detection) + models.list_models(module=models.segmentation)
+    return [("torchvision", n) for n in names]
+
+
+def dense_task(name: str) -> str:
+    """``"segmentation"`` or ``"detection"``: the torchvision module that defines builder ``name``."""
+    import torchvision
+
+    module = torchvision.models.get_model_builder(name).__module__
+    return "segmentation" if module.startswith("torchvision.models.segmentation") else "detection"
+
+
+def dense_kwargs(name: str) -> dict[str, Any]:
+    """Builder kwargs that make a random-init model's outputs worth comparing.
+
+    Detectors keep every box (``box_score_thresh=0.0`` for the R-CNNs, ``score_thresh=0.0`` for
+    RetinaNet, FCOS, SSD): at their default thresholds a random-init detector may return no box,
+    and an empty output equals anything. Segmenters that have one get ``aux_loss=True`` (the
+    architecture of their COCO weights), so the auxiliary head's map is compared too.
+    """
+    import inspect
+
+    import torch
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    if dense_task(name) == "segmentation":
+        return {"aux_loss": True} if "aux_loss" in inspect.signature(builder).parameters else {}
+    with torch.device("meta"):
+        cls = type(builder(weights=None, weights_backbone=None))
+    return {"box_score_thresh" if "box_score_thresh" in inspect.signature(cls).parameters else "score_thresh": 0.0}
+
+
+def model_part(owner: str) -> str:
+    """Where a site of a torchvision detector or segmenter sits: ``backbone`` (``backbone.body`` of a
+    detector, ``backbone`` of a segmenter, SSD's feature extractor), ``FPN`` (``backbone.fpn``) or
+    ``heads`` (RPN, RoI heads, detection and segmentation heads)."""
+    if owner.startswith("backbone.fpn"):
+        return "FPN"
+    return "backbone" if owner == "backbone" or owner.startswith("backbone.") else "heads"
+
+
+def check_dense_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Retrofit one torchvision detection or segmentation model and check that it stays the same.
+
+    Random init through ``retrofit.load_model("torchvision:NAME", pretrained=False, **kwargs)``
+    (kwargs from :func:`dense_kwargs`), seed 0, eval mode; probe: :data:`PROBE_BATCH` random
+    ``3 × 64 × 64`` images (a list for detectors, :func:`retrofit.graph.probe_input`). Then
+    ``add_attention(model, "eca")`` (identity init), and the outputs — every tensor of a
+    detector's per-image dicts (boxes, labels, scores, masks, keypoints), a segmenter's ``out`` and
+    ``aux`` maps — compared with the original's after insertion, after a pickle round trip and
+    after ``save_checkpoint`` → ``load_checkpoint``.
+
+    Keys: ``zoo``, ``name``, ``family``, ``task`` (``detection``/``segmentation``), ``params``,
+    ``kwargs``, ``input_size``, ``resized_to`` (a detector's ``min_size``), ``outputs`` (the keys of
+    its output dict, per image for detectors), ``detections`` (boxes the original returns over the
+    probe images), ``untraced`` (for ``no-site``: owners of additions fx could not trace), ``sites``, ``sites_by_part`` (see
+    :func:`model_part`), ``head_sites`` (owners outside the backbone), ``eval_diff``,
+    ``pickle_diff``, ``pickle_gates_called``, ``reload_diff`` (:func:`max_difference`: 0.0 is
+    bit-equal), ``status`` (``pass``/``no-site``/``fail``/``skip``), ``kind``, ``reason``, ``seconds``.
+    """
+    import torch
+
+    from retrofit import RetrofitError, add_attention, load_checkpoint, load_model, save_checkpoint
+    from retrofit.graph import find_sites, probe_input, takes_image_list
+
+    start = time.perf_counter()
+    rec: dict[str, Any] = {"zoo": "torchvision", "name": name, "family": family_of("torchvision", name),
+                           "task": dense_task(name)}
+
+    def done(status: str, kind: str, reason: str = "") -> dict[str, Any]:
+        rec.update(status=status, kind=kind, reason=reason, seconds=round(time.perf_counter() - start, 2))
+        return rec
+
+    rec["params"] = count_params("torchvision", name)
+    rec["kwargs"] = kwargs = dense_kwargs(name)
+    size = (3, DENSE_SIDE, DENSE_SIDE)
+    rec["input_size"] = list(size)
+    torch.manual_seed(0)
+    try:
+        model = load_model(f"torchvision:{name}", pretrained=False, **kwargs)[0]
+        x = probe_input(model, size)
+        reference = _forward(model, x)
+    except Exception as e:
+        return done("skip", "original-fails", _first_line(e))
+    rec["outputs"] = list(reference[0] if takes_image_list(model) else reference)
+    if takes_image_list(model):
+        rec["resized_to"] = int(model.transform.min_size[-1])
+        rec["detections"] = sum(len(image["boxes"]) for image in reference)
+
+    try:
+        model, inserted = add_attention(model, "eca", input_size=size)
+    except RetrofitError as e:
+        if not str(e).startswith("no residual site"):
+            return done("fail", "refused", str(e))
+        rec["untraced"] = [f.owner or "<root>" for f in find_sites(model, size)[1]]
+        return done("no-site", "no-site", str(e))
+    except Exception as e:
+        return done("fail", "engine-error", _first_line(e))
+    rec["sites"] = len(inserted)
+    rec["sites_by_part"] = dict(Counter(model_part(s.owner) for s in inserted))
+    rec["head_sites"] = [s.owner for s in inserted if model_part(s.owner) != "backbone"]
+
+    try:
+        rec["eval_diff"] = max_difference(reference, _forward(model, x))
+    except Exception as e:
+        return done("fail", "retrofitted-forward-error", _first_line(e))
+    try:
+        rec["pickle_diff"], rec["pickle_gates_called"] = pickle_round_trip(model, x, reference)
+    except Exception as e:
+        return done("fail", "pickle-error", _first_line(e))
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        try:
+            save_checkpoint(model, Path(tmp) / "model.safetensors")
+            rec["reload_diff"] = max_difference(reference, _forward(load_checkpoint(Path(tmp) / "model.safetensors"), x))
+        except Exception as e:
+            return done("fail", "checkpoint-error", _first_line(e))
+    if max(rec["eval_diff"], rec["pickle_diff"], rec["reload_diff"]) > RTOL or rec["pickle_gates_called"] != rec["sites"]:
+        return done("fail", "wrong-output", f"outputs differ: eval {rec['eval_diff']:.3g}, pickle "
+                    f"{rec['pickle_diff']:.3g} ({rec['pickle_gates_called']} of {rec['sites']} gates called), "
+                    f"reload {rec['reload_diff']:.3g}")
+    return done("pass", "all-equal")
 
 
 # --------------------------------------------------------------------------- sweep driver
@@ -484,8 +669,9 @@ def _append(path: Path, rec: dict[str, Any]) -> None:
         f.flush()
 
 
-def worker(todo: Path, results: Path, progress: Path, memory_gb: float) -> None:
-    """Check each ``zoo name`` line of ``todo`` in turn, announcing each model in ``progress``."""
+def worker(todo: Path, results: Path, progress: Path, memory_gb: float, dense: bool = False) -> None:
+    """Check each ``zoo name`` line of ``todo`` in turn (:func:`check_dense_model` when ``dense``,
+    else :func:`check_model`), announcing each model in ``progress``."""
     import resource
     import warnings
 
@@ -500,7 +686,7 @@ def worker(todo: Path, results: Path, progress: Path, memory_gb: float) -> None:
         zoo, name = line.split()
         progress.write_text(json.dumps({"zoo": zoo, "name": name, "start": time.time()}))
         try:
-            rec = check_model(zoo, name)
+            rec = check_dense_model(name) if dense else check_model(zoo, name)
         except MemoryError:
             rec = {"zoo": zoo, "name": name, "family": family_of(zoo, name), "status": "skip", "kind": "memory",
                    "reason": f"over the sweep's {memory_gb:g} GiB memory limit"}
@@ -513,8 +699,10 @@ def worker(todo: Path, results: Path, progress: Path, memory_gb: float) -> None:
         gc.collect()
 
 
-def sweep(models: list[tuple[str, str]], results: Path, budget: float, memory_gb: float, redo: bool) -> None:
-    """Check ``models`` in a restartable worker; append one record per model to ``results``."""
+def sweep(
+    models: list[tuple[str, str]], results: Path, budget: float, memory_gb: float, redo: bool, dense: bool = False
+) -> None:
+    """Check ``models`` in a restartable worker (see :func:`worker`); append one record per model to ``results``."""
     results.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         todo_file, progress = Path(tmp) / "todo.txt", Path(tmp) / "progress.json"
@@ -528,6 +716,7 @@ def sweep(models: list[tuple[str, str]], results: Path, budget: float, memory_gb
             before = len(results.read_text().splitlines()) if results.exists() else 0
             proc = subprocess.Popen(
                 [sys.executable, __file__, "_worker", str(todo_file), str(results), str(progress), str(memory_gb)]
+                + (["--dense"] if dense else [])
             )
             killed = None
             while proc.poll() is None:
@@ -619,8 +808,13 @@ def _partial_note(records: list[dict[str, Any]], everything: list[tuple[str, str
     ]
 
 
-def render(records: list[dict[str, Any]], everything: list[tuple[str, str]] | None = None) -> str:
-    """docs/coverage.md from the sweep records (``everything``: the zoos' architectures, for the partial note)."""
+def render(
+    records: list[dict[str, Any]],
+    everything: list[tuple[str, str]] | None = None,
+    dense: list[dict[str, Any]] | None = None,
+) -> str:
+    """docs/coverage.md from the sweep records (``everything``: the zoos' architectures, for the
+    partial note; ``dense``: :func:`check_dense_model` records, for their own section)."""
     records = sorted(records, key=lambda r: (r["zoo"] != "torchvision", r["family"], r["name"]))
     s = summarize(records)
     lines = [
@@ -634,23 +828,32 @@ def render(records: list[dict[str, Any]], everything: list[tuple[str, str]] | No
         "Each architecture is built with random weights, run in eval mode on the smallest input it accepts",
         "(64×64 first, then 96, 128, then its default size), retrofitted with `add_attention(model, \"eca\")`",
         "(identity init), and checked: eval and train-mode outputs equal the original's (max |Δ| ≤ 1e-5 ·",
-        "max(1, max|y|); train mode with the same RNG seed), and a `save_checkpoint` → `load_checkpoint` round",
-        "trip gives the same eval outputs again. An **addition census** of the original forward (every tensor",
-        "addition, attributed to the module whose own code performs it, including modules fx cannot trace)",
-        "tells whether a model without sites really has no residual feature-map additions.",
+        "max(1, max|y|); train mode with the same RNG seed), `pickle.loads(pickle.dumps(model))` calls every",
+        "gate and gives the same outputs, and a `save_checkpoint` → `load_checkpoint` round trip gives the same",
+        "eval outputs again. An **addition census** of the original forward (every addition of two same-shape",
+        "activations, attributed to the module whose own code performs it, including modules fx cannot",
+        "trace) tells whether a model without sites really has no residual feature-map additions, and which",
+        "layout its residuals have: `(N, C, H, W)` maps (in a module whose input is such a map); channels-last",
+        "`(N, H, W, C)` maps (N the batch, H×W the input's grid over one stride, in a module whose input is",
+        "such a map, and on such a grid at every stage its class runs); other 4-D tensors (attention logits",
+        "and rotary embeddings `(N, heads, L, ·)`, windows, NesT's `(N, blocks, tokens, C)`, convolutional",
+        "position encodings inside token modules); 2-D/3-D tokens.",
         "",
         "Outcomes:",
         "",
         "* **pass** — sites found, outputs unchanged, checkpoint round trip exact. *partial* marks a model",
         "  in which some module adds two same-shape `(N, C, H, W)` activations but got no site; the",
-        "  per-model table says why (a module called twice per forward, one fx cannot trace, or an addition",
-        "  that is no residual unit, e.g. a merge of two resolutions).",
-        "* **no-site** — retrofit reports *no residual site* and the census agrees. *tokens-only*: the",
-        "  model's residual additions are on 3-D tokens `(N, L, C)` — transformers; these are **not sites**",
-        "  (channel attention is defined on `(N, C, H, W)` maps). *channels-last*: the residuals are on",
-        "  4-D maps that are not `(N, C, H, W)` — Swin-style `(N, H, W, C)` blocks, windows, attention",
-        "  logits — also **not sites**. *no-additions*: no residual connections at all (VGG, DenseNet, …).",
-        "  *other-additions*: only additions of parameters, buffers or broadcasts.",
+        "  per-model table says why (a module called twice per forward, one fx cannot trace, an addition",
+        "  that is no residual unit, e.g. a merge of two resolutions, or one in the root model's own code:",
+        "  HRNet's `incre_modules` sum, which a gate in `forward()` would miss on `forward_features()`, so",
+        "  it is not offered).",
+        "* **no-site** — retrofit reports *no residual site* and the census agrees: no residual",
+        "  `(N, C, H, W)` additions. *channels-last*: residuals on channels-last `(N, H, W, C)` maps — Swin,",
+        "  VOLO, MambaOut, Sequencer, SAM's ViT, Hiera-Det blocks; *tokens-only*: residuals on tokens —",
+        "  3-D `(N, L, C)`, or grouped in 4-D by head, window or block — transformers. Neither is a",
+        "  **site**: channel attention is defined on `(N, C, H, W)` maps. *no-additions*: no residual",
+        "  connections at all (VGG, DenseNet, …). *other-additions*: only additions of parameters, buffers",
+        "  or broadcasts.",
         "* **fail** — a clear error (named below), never a silently wrong model.",
         "* **skip** — not judged: too large for the sweep machine (over 1 B parameters), over the time",
         "  budget, or the original model itself does not run with random weights.",
@@ -695,6 +898,8 @@ def render(records: list[dict[str, Any]], everything: list[tuple[str, str]] | No
     else:
         lines.append("None.")
 
+    if dense:
+        lines += ["", *render_dense(dense)]
     families: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         families[r["family"]].append(r)
@@ -733,6 +938,57 @@ def render(records: list[dict[str, Any]], everything: list[tuple[str, str]] | No
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _same(diff: float | None) -> str:
+    return "—" if diff is None else "equal" if diff == 0.0 else f"Δ {diff:.3g}"
+
+
+def render_dense(records: list[dict[str, Any]]) -> list[str]:
+    """The detection and segmentation section of docs/coverage.md (records of :func:`check_dense_model`)."""
+    lines = [
+        "## torchvision detection and segmentation",
+        "",
+        f"Generated from `benchmarks/results/{DENSE_RESULTS.name}` (`python benchmarks/coverage.py run --zoo "
+        f"{DENSE_ZOO}`): every builder of `torchvision.models.detection` and `torchvision.models.segmentation`,",
+        "built by `retrofit.load_model(\"torchvision:NAME\", pretrained=False, ...)` (random init, seed 0, no",
+        "download), probed with two random 64×64 images — a list for detectors, which resize them to their",
+        "`min_size` (the *input* column) — and retrofitted with `add_attention(model, \"eca\")` (identity init).",
+        "Detectors are built with `box_score_thresh=0.0` (R-CNNs) or `score_thresh=0.0` (RetinaNet, FCOS, SSD) so",
+        "that random weights still return boxes (*boxes*: over both images); segmenters with `aux_loss=True`",
+        "where they have an auxiliary head. *identity init*, *pickle* and *save/load* compare every output",
+        "tensor (boxes, labels, scores, masks, keypoints; `out` and `aux`) with the original model's: *equal* is",
+        "bit-equal. *pickle*: `pickle.loads(pickle.dumps(model))`, with the gates its forward calls.",
+        f"*save/load*: `save_checkpoint` (which rebuilds and verifies) → `load_checkpoint`. Budget "
+        f"{DENSE_BUDGET:g} s per model (CPU, one thread).",
+        "",
+        "| model | task | input | sites | where | boxes | identity init | pickle | save/load | seconds |",
+        "|---|---|---|---:|---|---:|---|---|---|---:|",
+    ]
+    for r in sorted(records, key=lambda r: (r.get("task", dense_task(r["name"])), r["name"])):
+        size = f"{r['input_size'][1]}×{r['input_size'][2]}" if r.get("input_size") else ""
+        if r.get("resized_to"):
+            size += f" → {r['resized_to']}"
+        seconds = f"{r['seconds']:.0f}" if r.get("seconds") is not None else ""
+        task = r.get("task") or dense_task(r["name"])
+        if "sites" not in r:
+            reason = r.get("reason", "").split(";")[0]
+            if r.get("untraced"):
+                reason += f" (untraced: `{'`, `'.join(r['untraced'])}`)"
+            lines.append(f"| {r['name']} | {task} | {size} | — | {r['status']}: {_cell(reason)} | "
+                         f"{r.get('detections', '')} | | | | {seconds} |")
+            continue
+        parts = ", ".join(f"{part} {n}" for part, n in sorted(r["sites_by_part"].items()))
+        if r["head_sites"]:
+            parts += f" (`{'`, `'.join(r['head_sites'])}`)"
+        pickled = f"{_same(r.get('pickle_diff'))}, {r['pickle_gates_called']}/{r['sites']} gates" \
+            if "pickle_gates_called" in r else "—"
+        verdict = "" if r["status"] == "pass" else f" — {r['status']}: {_cell(r.get('reason', ''))}"
+        lines.append(
+            f"| {r['name']} | {task} | {size} | {r['sites']} | {parts} | {r.get('detections', '')} | "
+            f"{_same(r.get('eval_diff'))} | {pickled} | {_same(r.get('reload_diff'))}{verdict} | {seconds} |"
+        )
+    return lines
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -740,10 +996,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="check models, appending to the results file")
-    run.add_argument("--zoo", choices=("all", "timm", "torchvision"), default="all")
+    run.add_argument(
+        "--zoo", choices=("all", "timm", "torchvision", DENSE_ZOO), default="all",
+        help=f"classification models, or {DENSE_ZOO}: torchvision's detection and segmentation models",
+    )
     run.add_argument("--models", help="comma-separated names (default: every model of --zoo)")
-    run.add_argument("--results", type=Path, default=RESULTS)
-    run.add_argument("--budget", type=float, default=300.0, help="seconds per model before it is skipped")
+    run.add_argument("--results", type=Path, help=f"default {RESULTS.name}, for {DENSE_ZOO} {DENSE_RESULTS.name}")
+    run.add_argument(
+        "--budget", type=float, help=f"seconds per model before it is skipped (default 300, {DENSE_ZOO} {DENSE_BUDGET:g})"
+    )
     run.add_argument("--memory-gb", type=float, default=14.0, help="address-space limit of the worker")
     run.add_argument("--redo", action="store_true", help="check models that already have a record again")
     run.add_argument(
@@ -751,25 +1012,31 @@ def main(argv: list[str] | None = None) -> None:
     )
     report = sub.add_parser("report", help="write docs/coverage.md from the results file")
     report.add_argument("--results", type=Path, default=RESULTS)
+    report.add_argument("--dense-results", type=Path, default=DENSE_RESULTS)
     report.add_argument("--out", type=Path, default=DOC)
     w = sub.add_parser("_worker")
     for arg in ("todo", "results", "progress"):
         w.add_argument(arg, type=Path)
     w.add_argument("memory_gb", type=float)
+    w.add_argument("--dense", action="store_true")
     args = parser.parse_args(argv)
 
     if args.command == "_worker":
-        worker(args.todo, args.results, args.progress, args.memory_gb)
+        worker(args.todo, args.results, args.progress, args.memory_gb, args.dense)
     elif args.command == "run":
-        models = list_architectures(args.zoo)
+        dense = args.zoo == DENSE_ZOO
+        models = list_dense_models() if dense else list_architectures(args.zoo)
         if args.models:
             wanted = set(args.models.split(","))
             models = [m for m in models if m[1] in wanted]
         if args.families_first:
             models = families_first(models)
-        sweep(models, args.results, args.budget, args.memory_gb, args.redo)
+        results = args.results or (DENSE_RESULTS if dense else RESULTS)
+        budget = args.budget or (DENSE_BUDGET if dense else 300.0)
+        sweep(models, results, budget, args.memory_gb, args.redo, dense)
     else:
-        args.out.write_text(render(read_results(args.results), list_architectures("all")))
+        records, dense = read_results(args.results), read_results(args.dense_results)
+        args.out.write_text(render(records, list_architectures("all"), dense))
         print(f"wrote {args.out}")
 
 
