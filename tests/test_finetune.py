@@ -64,25 +64,6 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    assert write_digits(root) == {"train": 1437, "val": 360}
-    return root
-
-
-@pytest.fixture(scope="module")
-def small_digits(digits, tmp_path_factory) -> Path:
-    """10 train and 5 val images per class: 100 / 50 images."""
-    root = tmp_path_factory.mktemp("small_digits")
-    for split, n in (("train", 10), ("val", 5)):
-        for cls in sorted((digits / split).iterdir()):
-            (root / split / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:n]:
-                shutil.copy(f, root / split / cls.name / f.name)
-    return root
-
-
 # ------------------------------------------------------------------ 1, 6: the digits run
 @pytest.fixture(scope="module")
 def digits_run(digits, lite0_weights, tmp_path_factory):
