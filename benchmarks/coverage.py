@@ -569,7 +569,7 @@ def check_dense_model(name: str, workdir: str | os.PathLike | None = None) -> di
 
     Random init through ``retrofit.load_model("torchvision:NAME", pretrained=False, **kwargs)``
     (kwargs from :func:`dense_kwargs`), seed 0, eval mode; probe: :data:`PROBE_BATCH` random
-    ``3 × 64 × 64`` images (a list for detectors, :func:`retrofit.graph.probe_input`). Then
+    ``3 × 64 × 64`` images (a list for detectors, :func:`retrofit.probe.probe_input`). Then
     ``add_attention(model, "eca")`` (identity init), and the outputs — every tensor of a
     detector's per-image dicts (boxes, labels, scores, masks, keypoints), a segmenter's ``out`` and
     ``aux`` maps — compared with the original's after insertion, after a pickle round trip and
@@ -586,7 +586,8 @@ def check_dense_model(name: str, workdir: str | os.PathLike | None = None) -> di
     import torch
 
     from retrofit import RetrofitError, add_attention, load_checkpoint, load_model, save_checkpoint
-    from retrofit.graph import find_sites, probe_input, takes_image_list
+    from retrofit.graph import find_sites
+    from retrofit.probe import probe_input, takes_image_list
 
     start = time.perf_counter()
     rec: dict[str, Any] = {"zoo": "torchvision", "name": name, "family": family_of("torchvision", name),
