@@ -200,14 +200,15 @@ def test_sigkill_mid_run_then_the_same_command_resumes_and_equals_an_uninterrupt
 @pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(small_digits, tmp_path):
     out = tmp_path / "out"
-    args = ["ablate", "resnet18", "--no-pretrained", "--blocks", "se-gc,none", "--groups", "7", "--seeds", "0",
+    # k = 101 is a valid ECA kernel size, but wider than the 64 channels of resnet18's first sites: that run fails
+    args = ["ablate", "resnet18", "--no-pretrained", "--blocks", "eca,none", "--kernel-sizes", "101", "--seeds", "0",
             "--epochs", "1", "--img-size", "32", "--data", small_digits, *FAST, "-o", out]
     result = run(*args)
     assert_one_line_error(result, "1 of 2 runs failed")
     assert result.exit_code == 1
     rows = {r["block"]: r for r in read_csv(out / "ablation.csv")}
     assert rows["none"]["status"] == "done" and rows["none"]["error"] == ""
-    assert rows["se-gc"]["status"] == "failed" and "groups must be a positive divisor of C; got 7" in rows["se-gc"]["error"]
+    assert rows["eca"]["status"] == "failed" and "ECA kernel size 101 is larger than the 64 channels" in rows["eca"]["error"]
     assert "## Failed runs" in (out / "ablation.md").read_text()
     again = run(*args)  # the failed run is tried again, the finished one is not
     assert again.exit_code == 1 and "none_full/seed-0 · already done" in again.output
