@@ -66,7 +66,7 @@ def evaluate(
 
     from ..checkpoint import load_target
     from ..evaluate import compare, evaluate as run, recorded_classes, write_predictions
-    from ..train.model import num_classes
+    from ..train.model import num_classes as head_size
 
     console = Console(stderr=True)
     n = {} if num_classes is None else {"num_classes": num_classes}  # for whichever target is a model name
@@ -75,8 +75,8 @@ def evaluate(
         models.append(load_target(target2, pretrained=not no_pretrained, weights=other_weights,
                                   **({} if is_checkpoint(target2) else n)))
         a, b = models
-        if recorded_classes(a) != recorded_classes(b) or num_classes(a) != num_classes(b):
-            fail(f"{target} and {target2} name their classes differently ({num_classes(a)} and {num_classes(b)} "
+        if recorded_classes(a) != recorded_classes(b) or head_size(a) != head_size(b):
+            fail(f"{target} and {target2} name their classes differently ({head_size(a)} and {head_size(b)} "
                  "classes, or other names): a comparison needs two models of the same classes")
     common = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
               "dataset_root": str(dataset_root) if dataset_root else None, "download": download, "console": console}
