@@ -578,7 +578,9 @@ def check_dense_model(name: str, workdir: str | os.PathLike | None = None) -> di
     Keys: ``zoo``, ``name``, ``family``, ``task`` (``detection``/``segmentation``), ``params``,
     ``kwargs``, ``input_size``, ``resized_to`` (a detector's ``min_size``), ``outputs`` (the keys of
     its output dict, per image for detectors), ``detections`` (boxes the original returns over the
-    probe images), ``untraced`` (for ``no-site``: owners of additions fx could not trace), ``sites``, ``sites_by_part`` (see
+    probe images), ``untraced`` and ``backbone_census`` (for ``no-site``: owners fx could not trace,
+    and :func:`addition_census` of ``model.backbone`` at the size it sees — a backbone with residual
+    additions makes the refusal a ``fail``), ``sites``, ``sites_by_part`` (see
     :func:`model_part`), ``head_sites`` (owners outside the backbone), ``eval_diff``,
     ``pickle_diff``, ``pickle_gates_called``, ``reload_diff`` (:func:`max_difference`: 0.0 is
     bit-equal), ``status`` (``pass``/``no-site``/``fail``/``skip``), ``kind``, ``reason``, ``seconds``.
@@ -619,6 +621,10 @@ def check_dense_model(name: str, workdir: str | os.PathLike | None = None) -> di
         if not str(e).startswith("no residual site"):
             return done("fail", "refused", str(e))
         rec["untraced"] = [f.owner or "<root>" for f in find_sites(model, size)[1]]
+        side = rec.get("resized_to", DENSE_SIDE)  # the backbone sees the resized batch
+        rec["backbone_census"] = addition_census(model.backbone, _example((3, side, side)))
+        if rec["backbone_census"]["residual"]:
+            return done("fail", "refused", str(e))
         return done("no-site", "no-site", str(e))
     except Exception as e:
         return done("fail", "engine-error", _first_line(e))
@@ -658,8 +664,6 @@ def read_results(path: Path = RESULTS) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            if rec.get("status") == "no-site" and "census" in rec:  # records older than the labels' fix
-                rec["kind"] = no_site_kind(rec["census"])
             by_model[(rec["zoo"], rec["name"])] = rec
     return list(by_model.values())
 
@@ -948,18 +952,21 @@ def render_dense(records: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## torchvision detection and segmentation",
         "",
-        f"Generated from `benchmarks/results/{DENSE_RESULTS.name}` (`python benchmarks/coverage.py run --zoo "
-        f"{DENSE_ZOO}`): every builder of `torchvision.models.detection` and `torchvision.models.segmentation`,",
-        "built by `retrofit.load_model(\"torchvision:NAME\", pretrained=False, ...)` (random init, seed 0, no",
-        "download), probed with two random 64×64 images — a list for detectors, which resize them to their",
-        "`min_size` (the *input* column) — and retrofitted with `add_attention(model, \"eca\")` (identity init).",
+        f"Generated from `benchmarks/results/{DENSE_RESULTS.name}`, which `python benchmarks/coverage.py run",
+        f"--zoo {DENSE_ZOO}` writes: every builder of `torchvision.models.detection` and",
+        "`torchvision.models.segmentation`, built by `retrofit.load_model(\"torchvision:NAME\", pretrained=False,",
+        "...)` (random init, seed 0, no download), probed with two random 64×64 images — a list for detectors,",
+        "which resize them to their `min_size` (the *input* column) — and retrofitted with",
+        "`add_attention(model, \"eca\")` (identity init). *where*: `backbone` (`backbone.body` of a detector), `FPN`",
+        "(`backbone.fpn`) or heads (named).",
         "Detectors are built with `box_score_thresh=0.0` (R-CNNs) or `score_thresh=0.0` (RetinaNet, FCOS, SSD) so",
         "that random weights still return boxes (*boxes*: over both images); segmenters with `aux_loss=True`",
         "where they have an auxiliary head. *identity init*, *pickle* and *save/load* compare every output",
         "tensor (boxes, labels, scores, masks, keypoints; `out` and `aux`) with the original model's: *equal* is",
         "bit-equal. *pickle*: `pickle.loads(pickle.dumps(model))`, with the gates its forward calls.",
-        f"*save/load*: `save_checkpoint` (which rebuilds and verifies) → `load_checkpoint`. Budget "
-        f"{DENSE_BUDGET:g} s per model (CPU, one thread).",
+        "*save/load*: `save_checkpoint` (which rebuilds the model and verifies it) → `load_checkpoint`.",
+        f"*seconds*: the whole check, on one CPU thread of a shared machine (budget {DENSE_BUDGET:g} s; a",
+        "detector's forward at 800 px dominates) — not a speed benchmark.",
         "",
         "| model | task | input | sites | where | boxes | identity init | pickle | save/load | seconds |",
         "|---|---|---|---:|---|---:|---|---|---|---:|",
@@ -972,6 +979,8 @@ def render_dense(records: list[dict[str, Any]]) -> list[str]:
         task = r.get("task") or dense_task(r["name"])
         if "sites" not in r:
             reason = r.get("reason", "").split(";")[0]
+            if r.get("backbone_census") is not None and not r["backbone_census"]["residual"]:
+                reason += "; the backbone's census has no residual addition"
             if r.get("untraced"):
                 reason += f" (untraced: `{'`, `'.join(r['untraced'])}`)"
             lines.append(f"| {r['name']} | {task} | {size} | — | {r['status']}: {_cell(reason)} | "

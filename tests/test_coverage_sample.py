@@ -238,3 +238,12 @@ def test_dense_model_keeps_its_outputs(name, sites, outputs, boxes, tmp_path):
     assert rec["outputs"] == outputs and rec.get("detections") == boxes
     assert rec["eval_diff"] == 0.0 and rec["pickle_diff"] == 0.0 and rec["reload_diff"] == 0.0
     assert rec["pickle_gates_called"] == sites
+
+
+@pytest.mark.slow
+def test_dense_model_without_residuals_is_refused(tmp_path):
+    # SSD300's VGG-16 (torchvision detection/ssd.py, SSDFeatureExtractorVGG) adds nothing
+    rec = sweep.check_dense_model("ssd300_vgg16", tmp_path)
+    assert (rec["status"], rec["resized_to"], rec["detections"]) == ("no-site", 300, 400)
+    assert rec["reason"].startswith("no residual site found in SSD")
+    assert rec["backbone_census"] == {"residual": {}, "channels_last": 0, "other_4d": 0, "tokens": 0, "other": 0}
