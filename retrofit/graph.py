@@ -128,12 +128,34 @@ def _is_add(node: fx.Node) -> bool:
     return alpha == 1 and len(node.args) == 2
 
 
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "ndimension"})
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+
+
+def _reads_only_metadata(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dim()``…: the node depends on its input's shape, not its values.
+
+    Such an edge is no data flow (LR-ASPP's ``interpolate(..., size=low.shape[-2:])`` does not make
+    ``low`` an input of the high-resolution branch).
+    """
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return node.args[1] in _SHAPE_ATTRIBUTES
+    return False
+
+
 def _distances(start: fx.Node) -> dict[fx.Node, int]:
-    """Shortest number of edges from each ancestor of ``start`` (itself included) to ``start``."""
+    """Shortest number of edges from each ancestor of ``start`` (itself included) to ``start``.
+
+    Only data flows count: the inputs of a node that reads a tensor's shape are not followed.
+    """
     dist = {start: 0}
     queue = deque([start])
     while queue:
         node = queue.popleft()
+        if _reads_only_metadata(node):
+            continue
         for parent in node.all_input_nodes:
             if parent not in dist:
                 dist[parent] = dist[node] + 1

@@ -270,7 +270,8 @@ def no_site_message(model: nn.Module, failures: list[TraceFailure]) -> str:
     name = type(model).__name__
     if failures:
         shown = "; ".join(f"{f.owner or '<root>'} ({f.module_type}): {f.reason}" for f in failures[:2])
-        return f"no residual site found in {name}; these modules could not be traced: {shown}"
+        more = f" (and {len(failures) - 2} more)" if len(failures) > 2 else ""
+        return f"no residual site found in {name}; these modules could not be traced: {shown}{more}"
     return f"no residual site found in {name}: it has no addition of a residual branch and a shortcut"
 
 

@@ -191,3 +191,34 @@ def test_gate_goes_on_the_branch_when_the_shortcut_is_a_module_call():
     model[1].eca.register_forward_hook(lambda m, a, out: seen.setdefault("input", a[0]))
     assert torch.equal(_run(model, x), before)
     assert torch.equal(seen["input"], model[1].mlp(model[1].conv_dw(model[0](x))).detach())
+
+
+class _ShapeOnlyHead(nn.Module):
+    """torchvision ``LRASPPHead``: the high branch meets ``low`` only through ``low.shape``."""
+
+    def __init__(self):
+        super().__init__()
+        self.low_classifier, self.high_classifier = _conv(), _conv()
+
+    def forward(self, low, high):
+        high = nn.functional.interpolate(self.high_classifier(high), size=low.shape[-2:], mode="nearest")
+        return self.low_classifier(low) + high
+
+
+class _TwoResolutions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.down, self.head = _conv(), nn.Conv2d(8, 8, 3, stride=2, padding=1), _ShapeOnlyHead()
+
+    def forward(self, x):
+        low = self.stem(x)
+        return self.head(low, self.down(low))
+
+
+def test_operands_that_meet_only_through_a_shape_are_no_site():
+    sites, failures = retrofit.find_sites(_TwoResolutions(), SIZE)
+    assert (sites, failures) == ([], [])
+    message = retrofit.surgery.no_site_message(
+        _TwoResolutions(), [retrofit.graph.TraceFailure(f"m{i}", "Conv2d", "untraceable") for i in range(5)]
+    )
+    assert message.endswith("m1 (Conv2d): untraceable (and 3 more)")
