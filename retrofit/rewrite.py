@@ -22,6 +22,7 @@ from torch import fx, nn
 from .errors import RetrofitError
 from .forward import RewrittenForward, portable_code
 from .graph import Site
+from .squeeze import projected_squeeze, projection_of
 from .trace import trace_owner
 
 
@@ -115,7 +116,9 @@ def _fuse(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_path:
     ``shortcut + branch · gate`` becomes one :func:`gated_add` instead of a multiply that writes a
     whole map and an addition that reads it again (issue 11: memory traffic, not arithmetic, is
     ECA's cost). Only when the gated operand feeds the addition directly (a drop-path between
-    them acts on the gated map). Returns False when the site does not fit.
+    them acts on the gated map). Where the gated branch ends in ``bn(conv1x1(z))``, the gate is
+    handed :func:`retrofit.squeeze.projected_squeeze` (the squeeze of the narrower ``z`` when that is
+    exact) instead of the map. Returns False when the site does not fit.
     """
     add = _node(gm, site.add_node, owner_path)
     branch, shortcut = _node(gm, site.residual_branch, owner_path), _node(gm, site.shortcut, owner_path)
@@ -125,8 +128,17 @@ def _fuse(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_path:
     inplace = add.target in _INPLACE_ADDS
     into = None if not inplace else ("gated" if add.args[0] is gated else "base")
     gm.get_submodule(attr).fused = True
+    projection = projection_of(gm, gated) if placement == "standard" else None
+    if projection is not None:  # squeeze the projection's narrower input when that is exact (squeeze.py)
+        z, conv, bn = projection
+        anchor = gated
+        for target in (conv, bn):
+            with gm.graph.inserting_after(anchor):
+                anchor = gm.graph.get_attr(target)
+        with gm.graph.inserting_after(anchor):
+            squeezed = gm.graph.call_function(projected_squeeze, (gated, z, anchor.prev, anchor))
     with gm.graph.inserting_before(add):
-        gate = gm.graph.call_module(attr, (gated,))
+        gate = gm.graph.call_module(attr, (gated if projection is None else squeezed,))
         fused = gm.graph.call_function(gated_add, (base, gated, gate), {"into": into} if into else {})
     add.replace_all_uses_with(fused)
     gm.graph.erase_node(add)

@@ -54,6 +54,7 @@ from torch import nn
 from .costs import ModuleCost, unique_params
 from .counter import count_ops, split
 from .latency import Latency, measure_latency
+from ..squeeze import exact_squeeze
 from .probe import EvalNoGrad, check_size, probe_input
 from .sites import SiteCost, SiteShapes, site_rows
 
@@ -164,7 +165,8 @@ def profile(
     """
     size = check_size(input_size, batch_size)
     x = probe_input(model, size, batch_size)
-    with EvalNoGrad(model), SiteShapes(model) as shapes:
+    # The blocks' cost as the papers define it: every gate squeezes the map it gates (squeeze.py).
+    with EvalNoGrad(model), exact_squeeze(), SiteShapes(model) as shapes:
         counts = count_ops(model, x)
     total = split(counts.by_scope.get("Global", {}))
     params, trainable = unique_params(model)
