@@ -131,12 +131,9 @@ def _fuse(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_path:
     projection = projection_of(gm, gated) if placement == "standard" else None
     if projection is not None:  # squeeze the projection's narrower input when that is exact (squeeze.py)
         z, conv, bn = projection
-        anchor = gated
-        for target in (conv, bn):
-            with gm.graph.inserting_after(anchor):
-                anchor = gm.graph.get_attr(target)
-        with gm.graph.inserting_after(anchor):
-            squeezed = gm.graph.call_function(projected_squeeze, (gated, z, anchor.prev, anchor))
+        with gm.graph.inserting_before(gated.next):  # right after the norm, nodes in the order made
+            refs = gm.graph.get_attr(conv), gm.graph.get_attr(bn)
+            squeezed = gm.graph.call_function(projected_squeeze, (gated, z, *refs))
     with gm.graph.inserting_before(add):
         gate = gm.graph.call_module(attr, (gated if projection is None else squeezed,))
         fused = gm.graph.call_function(gated_add, (base, gated, gate), {"into": into} if into else {})
