@@ -142,10 +142,10 @@ def measure(device: str, batch: int, size: int, warmup: int, repeats: int, chann
     So the rounds are spread over processes and pooled: each round's ratio is still taken within
     the round, in one process.
     """
-    per_process = -(-repeats // processes)
     if processes == 1:
         runs = [measure_rounds(device, batch, size, warmup, repeats, channels_last)]
     else:
+        per_process = _rounds_per_process(repeats, processes)
         runs = [_worker(device, batch, size, warmup, per_process, channels_last) for _ in range(processes)]
     results = {}
     for clock in runs[0]:
@@ -161,6 +161,11 @@ def measure(device: str, batch: int, size: int, warmup: int, repeats: int, chann
             ]
         results[clock] = result
     return results
+
+
+def _rounds_per_process(repeats: int, processes: int) -> int:
+    """``repeats`` rounds split across ``processes``, rounded up (one process runs all of them)."""
+    return repeats if processes == 1 else -(-repeats // processes)
 
 
 def _worker(device: str, batch: int, size: int, warmup: int, rounds: int, channels_last: bool) -> dict:
@@ -190,7 +195,7 @@ def render(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
     import timm
     import torch
 
-    rounds = args.repeats if args.processes == 1 else args.processes * -(-args.repeats // args.processes)
+    rounds = args.processes * _rounds_per_process(args.repeats, args.processes)
     lines = [
         SECTION,
         "",
