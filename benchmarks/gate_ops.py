@@ -8,7 +8,8 @@ each stage's shape, in calls of 0.1–10 ms that a median over many repeats pins
 * bare (c): ``y += shortcut`` (timm's Bottleneck);
 * hand-written gate (b, f): ``y.mean`` → gate → ``y * g`` (a new map) → ``+= shortcut``;
 * retrofit (a, e): the same gate, then ``addcmul`` into ``y`` (one pass, no new map), and on layer1
-  (``retrofit.squeeze.PAYOFF``) the squeeze of the inner map ``z`` through the pooled 1×1 conv and BN.
+  (``retrofit.squeeze.PAYOFF``) the squeeze of the inner map ``z`` through the pooled 1×1 conv and BN:
+  retrofit's own ``squeeze.projected_squeeze`` and ``rewrite.gated_add``, not copies of them.
 
 The hand-written side uses retrofit's blocks with paper init (timm's ECA / SE run the same ops), the
 retrofit side identity init (one more multiply, on the pooled vector), as in inference.py.
@@ -54,7 +55,8 @@ def block_costs(batch: int, channels_last: bool, repeats: int) -> dict[str, floa
     from torch import nn
 
     from retrofit.blocks import EfficientChannelAttention, SqueezeExcite, eca_kernel_size, se_hidden_width
-    from retrofit.squeeze import PAYOFF
+    from retrofit.rewrite import gated_add
+    from retrofit.squeeze import projected_squeeze
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     total = {"eca_hand": 0.0, "eca_retrofit": 0.0, "se_hand": 0.0, "se_retrofit": 0.0}
@@ -64,7 +66,6 @@ def block_costs(batch: int, channels_last: bool, repeats: int) -> dict[str, floa
         shortcut = torch.randn_like(y)
         conv = nn.Conv2d(c_in, c, 1, bias=False).eval().to(memory_format=fmt)
         bn = nn.BatchNorm2d(c).eval()
-        early = side * side * (c - c_in) >= PAYOFF * c_in * c
         gates = {  # (hand-written, retrofit): the paper's gate, and retrofit's identity init (2·sigmoid)
             "eca": [EfficientChannelAttention(c, eca_kernel_size(c), init=i).eval() for i in ("paper", "identity")],
             "se": [SqueezeExcite(c, se_hidden_width(c, 16, 8), init=i).eval() for i in ("paper", "identity")],
@@ -74,9 +75,8 @@ def block_costs(batch: int, channels_last: bool, repeats: int) -> dict[str, floa
             def hand():
                 y.mul(hand_gate.gate(y)).add_(shortcut)
 
-            def retrofit():
-                pooled = bn(conv(z.mean((2, 3), keepdim=True))) if early else y
-                torch.addcmul(shortcut, y, gate.gate(pooled), out=y)  # rewrite.gated_add(…, into="gated")
+            def retrofit():  # what the rewritten owner runs: its squeeze rule and its fused addition
+                gated_add(shortcut, y, gate.gate(projected_squeeze(y, z, conv, bn)), into="gated")
 
             total[f"{name}_hand"] += blocks * (median_ms(hand, repeats) - bare)
             total[f"{name}_retrofit"] += blocks * (median_ms(retrofit, repeats) - bare)
