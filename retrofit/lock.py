@@ -87,17 +87,19 @@ def output_lock(target: str | os.PathLike, option: str = "output") -> Iterator[N
     """
     target = Path(target)
     path = lock_path(target)
-    with deferred():  # a signal here must not leave the lock file behind
-        created = _missing_parents(path.parent)
-        fd = _acquire(target, path, option, created)
+    fd, created = None, []
     try:
+        with deferred():  # a signal while taking the lock is delivered once it is held, inside this try
+            created = _missing_parents(path.parent)
+            fd = _acquire(target, path, option, created)
         yield
     finally:
-        with deferred():
-            path.unlink(missing_ok=True)  # while still held: a waiting process then sees a new file
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-            _remove_empty(created)
+        if fd is not None:
+            with deferred():
+                path.unlink(missing_ok=True)  # while still held: a waiting process then sees a new file
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                _remove_empty(created)
 
 
 def _acquire(target: Path, path: Path, option: str, created: list[Path]) -> int:
