@@ -87,12 +87,12 @@ def deferred() -> Iterator[None]:
         return
     pending: list[int] = []
     previous: dict[int, Any] = {}
-    for s in STOP_SIGNALS:
-        handler = signal.getsignal(s)
-        if handler not in (signal.SIG_IGN, None):
-            previous[s] = handler
-            signal.signal(s, lambda signum, frame: pending.append(signum))
-    try:
+    try:  # installing inside the try: a signal between two installs still finds every handler put back
+        for s in STOP_SIGNALS:
+            handler = signal.getsignal(s)
+            if handler not in (signal.SIG_IGN, None):
+                previous[s] = handler
+                signal.signal(s, lambda signum, frame: pending.append(signum))
         yield
     finally:
         for s, handler in previous.items():

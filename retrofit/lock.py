@@ -95,11 +95,21 @@ def output_lock(target: str | os.PathLike, option: str = "output") -> Iterator[N
         yield
     finally:
         if fd is not None:
-            with deferred():
-                path.unlink(missing_ok=True)  # while still held: a waiting process then sees a new file
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-                _remove_empty(created)
+            try:
+                with deferred():
+                    _release(fd, path, created)
+                    fd = None
+            finally:
+                if fd is not None:  # a signal came before the release began holding signals back
+                    with deferred():
+                        _release(fd, path, created)
+
+
+def _release(fd: int, path: Path, created: list[Path]) -> None:
+    path.unlink(missing_ok=True)  # while still held: a waiting process then sees a new file
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    _remove_empty(created)
 
 
 def _acquire(target: Path, path: Path, option: str, created: list[Path]) -> int:

@@ -77,8 +77,8 @@ def _run(t: Trainer) -> FinetuneResult:
     with t.folder.lock():
         t.folder.check(t.config)
         t.build()
-        t.folder.clear(t.config.overwrite)
-        try:
+        try:  # clear() inside: a signal held back while it sets the old run aside is delivered here
+            t.folder.clear(t.config.overwrite)
             return _epochs(t, started)
         except BaseException as e:
             if t.folder.restore_replaced(t.saved_epoch) and isinstance(e, (KeyboardInterrupt, RetrofitError)):

@@ -142,12 +142,16 @@ class RunFolder:
             shutil.rmtree(aside, ignore_errors=True)
 
     def restore_replaced(self, saved_epoch: int) -> bool:
-        """The new run failed before saving an epoch: put the run it was replacing back (True when it did)."""
+        """The new run failed: before saving an epoch, put the run it was replacing back (True when it did);
+        after (a signal delivered as the first state was written, before :meth:`drop_replaced`), drop it."""
         aside = self.path / REPLACED
-        if self.d.is_main and aside.is_dir() and not saved_epoch:
-            self._put_back(aside, new_files=True)
-            return True
-        return False
+        if not (self.d.is_main and aside.is_dir()):
+            return False
+        if saved_epoch:
+            shutil.rmtree(aside, ignore_errors=True)
+            return False
+        self._put_back(aside, new_files=True)
+        return True
 
     def recover(self) -> None:
         """What a killed --overwrite left: the old run comes back unless the new one had saved an epoch."""
