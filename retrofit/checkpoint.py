@@ -62,7 +62,7 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early, before any work, when ``path`` cannot be written.
 
     Raises :class:`RetrofitError` when it is empty, a directory, exists (without ``overwrite``),
-    or its folder is missing, not a folder, or not writable.
+    or the nearest of its folders that exists is not a folder (a file) or not writable.
     """
     path = Path(path)
     if not str(path) or str(path) in (".", ".."):
@@ -71,16 +71,23 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise RetrofitError(f"{path} is a directory; give a file path")
     if path.exists() and not overwrite:
         raise RetrofitError(f"{path} exists; pass --overwrite to replace it, or choose another output")
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise RetrofitError(f"cannot write {path}: {parent} is not a folder")
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise RetrofitError(f"cannot write {path}: folder {parent} is not writable")
+    folder = path.parent  # the nearest folder that exists: the missing ones are made in it
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RetrofitError(f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RetrofitError(f"cannot write {path}: folder {folder} is not writable")
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    With ``overwrite=False`` the finished file is hard-linked into place instead (``os.link``
+    fails on an existing name), so a file that appeared at ``path`` while the data was made, by
+    the user or a writer that takes no lock, is never replaced: :class:`RetrofitError`
+    (``… exists``). Where the filesystem has no hard links, the rename after a last check.
 
     The temporary file (``.<name>.<random>.tmp``) is flocked while it exists, and temporary files
     of ``path`` that no live writer holds (left by a kill) are removed first
@@ -107,7 +114,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)  # still flocked: no cleaner takes it for a dead writer's
+            if overwrite:
+                os.replace(tmp, path)  # still flocked: no cleaner takes it for a dead writer's
+            else:
+                _link_new(tmp, path)
+        except FileExistsError:
+            tmp.unlink(missing_ok=True)
+            raise RetrofitError(f"{path} exists; pass --overwrite to replace it, or choose another output") from None
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
@@ -116,6 +129,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise
         finally:
             os.close(fd)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path`` only if ``path`` does not exist (raises :class:`FileExistsError`)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network and FUSE filesystems): a last check, then the rename
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def save_checkpoint(
@@ -150,7 +177,7 @@ def save_checkpoint(
     tensors = _contiguous_unshared(model.state_dict())
     recipe_json = recipe.to_json()
     metadata = {RECIPE_KEY: recipe_json, DIGEST_KEY: tensors_digest(tensors, recipe_json)}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write_bytes(path, save(tensors, metadata=metadata), overwrite=overwrite)
     return path
 
 

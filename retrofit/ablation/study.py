@@ -9,6 +9,7 @@ last process to finish writes the complete tables; ``report_only`` merges withou
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,13 @@ def ablate(
         from rich.console import Console
 
         console = Console()
+    _check_tables(root)
     failed_now = 0
-    root.mkdir(parents=True, exist_ok=True)
+    try:  # the folder and its lock file now, so that a path that cannot be written fails before any run
+        root.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as e:
+        raise RetrofitError(f"cannot write {root}: {e.strerror or e}") from None
     if not report_only:
         failed_now = execute(template, mine, console)
     with _locked(root / LOCK):
@@ -93,13 +99,34 @@ def ablate(
         summaries = summarize(results, cells)
         header = {"source": _name(template.source), "data": template.data, "recipe": _recipe(template),
                   "settings": template.to_dict(), "grid": _grid(grid)}
+        write_json(root / JSON, header, results, summaries)  # first: the record that says the others are a study's
         write_csv(root / CSV, results)
-        write_json(root / JSON, header, results, summaries)
         from ..checkpoint import atomic_write_bytes
 
         atomic_write_bytes(root / MD, markdown(header, grid, results, summaries, cells).encode())
         write_png(root / PNG, grid, summaries, f"{header['source']} · {Path(template.data).name}")
     return AblationResult(root, results, summaries, failed_now)
+
+
+def _check_tables(root: Path) -> None:
+    """Refuse an output folder whose ``ablation.*`` files are not an earlier study's (which a study
+    rewrites as it grows): a user's own ``ablation.md`` is never replaced.
+
+    Raises :class:`RetrofitError` naming the first such file.
+    """
+    present = [name for name in (CSV, JSON, MD, PNG) if (root / name).exists()]
+    if present and not _is_study_record(root / JSON):
+        raise RetrofitError(f"--output {root} holds {present[0]}, which retrofit ablate did not write; choose another "
+                            "--output, or move that file")
+
+
+def _is_study_record(path: Path) -> bool:
+    """Whether ``path`` is an ``ablation.json`` that :func:`run_study` wrote."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"source", "data", "recipe", "grid", "runs", "cells"} <= set(record)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@ with McNemar's exact test. Parsing and printing only; the library is :mod:`retro
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -58,11 +60,31 @@ def evaluate(
         fail(f"{'--weights' if weights is not None else '--other-weights'} and --no-pretrained exclude each other")
     if no_pretrained and all(is_checkpoint(t) for t in (target, target2) if t is not None):
         fail("--no-pretrained applies to a model name; every target here is a checkpoint, which holds its own weights")
+    lock: Any = contextlib.nullcontext()
     if predictions is not None:
         from ..checkpoint import check_writable
+        from ..lock import output_lock
 
         check_writable(predictions, overwrite)
+        for option, given in (("TARGET", target), ("TARGET2", target2), ("--weights", weights),
+                              ("--other-weights", other_weights)):
+            if given is not None and predictions.exists() and Path(given).exists() and os.path.samefile(predictions, given):
+                fail(f"--predictions {predictions} is the {option} file itself; write the predictions to another file")
+        lock = output_lock(predictions, "--predictions")  # also creates its folder: a bad path fails before the work
+    with lock:
+        if predictions is not None:
+            check_writable(predictions, overwrite)  # again, now that no other retrofit command can be writing it
+        _evaluate(target, data, target2, weights, other_weights, no_pretrained, num_classes, per_class, predictions,
+                  overwrite, batch_size, workers, device, precision, dataset_root, download, as_json)
+
+
+def _evaluate(target: str, data: str, target2: Optional[str], weights: Optional[Path], other_weights: Optional[Path],
+              no_pretrained: bool, num_classes: Optional[int], per_class: bool, predictions: Optional[Path],
+              overwrite: bool, batch_size: int, workers: Optional[int], device: str, precision: str,
+              dataset_root: Optional[Path], download: bool, as_json: bool) -> None:
     from rich.console import Console
+
+    from ..checkpoint import is_checkpoint
 
     from ..checkpoint import load_target
     from ..evaluate import compare, evaluate as run, recorded_classes, write_predictions
@@ -83,7 +105,7 @@ def evaluate(
     results = [run(m, data, name=t, **common) for m, t in zip(models, [target, target2])]
     comparison = compare(*results) if len(results) == 2 else None
     if predictions is not None:
-        write_predictions(predictions, results)
+        write_predictions(predictions, results, overwrite=overwrite)
     if as_json:
         payload = comparison.to_dict(per_class) if comparison else results[0].to_dict(per_class)
         typer.echo(json.dumps(payload, indent=2))
