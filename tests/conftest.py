@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt during the test, as in a terminal. A shell's background job (``cmd &``,
+    ``nohup``, some CI runners) starts with SIGINT ignored, and Python then leaves it ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

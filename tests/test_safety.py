@@ -132,7 +132,7 @@ def test_a_held_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch, signum):
+def test_a_stop_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch, signum, ctrl_c_raises):
     # CI once found `.r152-se.safetensors.lock` left after a SIGTERM: the signal, held back while the lock was
     # taken, was delivered before the block that removes the lock file had begun.
     import retrofit.lock as lock_module

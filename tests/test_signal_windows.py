@@ -28,6 +28,8 @@ from retrofit.train.loop import Trainer
 from retrofit.train.run_folder import RunFolder
 from retrofit.train.state import STATE_FILE
 
+pytestmark = pytest.mark.usefixtures("ctrl_c_raises")  # SIGINT too raises, also in a background job
+
 
 class StandInTrainer:
     """What :func:`retrofit.train.run._run` and :meth:`Trainer.one_epoch` use of a trainer, without a model or data."""
