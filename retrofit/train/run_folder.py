@@ -110,7 +110,7 @@ class RunFolder:
             pass  # a run that stopped before its first epoch was saved: nothing to keep, start it again
         elif previous and _inside(config.source, [out / name for name in previous]):
             raise RetrofitError(
-                f"SOURCE {config.source} is a file of the run in {out}, which --overwrite would replace; "
+                f"SOURCE {config.source} is a file of the run in {out}, which this run would replace; "
                 "copy it elsewhere first, or choose another --output"
             )
         elif previous and not config.overwrite:
