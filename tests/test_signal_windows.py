@@ -183,10 +183,35 @@ def test_a_stop_signal_as_the_lock_is_released_leaves_no_lock_file(tmp_path, mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lock_module, "deferred", signal_before_the_release)
+    ran, target = _hold_the_lock_until_stopped(tmp_path)
+    assert ran and len(calls) >= 2  # a fix may enter deferred() again to finish the release
+    assert not lock_path(target).exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch, signum):
+    # CI once found `.r152-se.safetensors.lock` left after a SIGTERM: the signal, held back while the lock was
+    # taken, was delivered before the block that removes the lock file had begun.
+    import retrofit.lock as lock_module
+
+    take = lock_module._acquire
+
+    def take_then_signal(*args):
+        fd = take(*args)
+        signal.raise_signal(signum)  # held back by deferred(), delivered as the acquisition ends
+        return fd
+
+    monkeypatch.setattr(lock_module, "_acquire", take_then_signal)
+    ran, target = _hold_the_lock_until_stopped(tmp_path)
+    assert not ran and not lock_path(target).exists() and list(tmp_path.iterdir()) == []
+
+
+def _hold_the_lock_until_stopped(tmp_path: Path) -> tuple[bool, Path]:
+    """``with output_lock(OUT):`` under the commands' signal handling, where a signal stops it (KeyboardInterrupt
+    is expected); returns whether the block's body ran, and OUT."""
     target = tmp_path / "out" / "m.safetensors"
     ran = False
     with pytest.raises(KeyboardInterrupt), interrupts.stop_signals_interrupt():
         with output_lock(target, "-o"):
             ran = True
-    assert ran and len(calls) >= 2  # a fix may enter deferred() again to finish the release
-    assert not lock_path(target).exists() and list(tmp_path.iterdir()) == []
+    return ran, target
