@@ -121,7 +121,7 @@ def _check_tables(root: Path) -> None:
 
 
 def _is_study_record(path: Path) -> bool:
-    """Whether ``path`` is an ``ablation.json`` that :func:`run_study` wrote."""
+    """Whether ``path`` is an ``ablation.json`` that :func:`ablate` wrote."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):

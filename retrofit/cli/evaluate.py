@@ -84,9 +84,7 @@ def _evaluate(target: str, data: str, target2: Optional[str], weights: Optional[
               dataset_root: Optional[Path], download: bool, as_json: bool) -> None:
     from rich.console import Console
 
-    from ..checkpoint import is_checkpoint
-
-    from ..checkpoint import load_target
+    from ..checkpoint import is_checkpoint, load_target
     from ..evaluate import compare, evaluate as run, recorded_classes, write_predictions
     from ..train.model import num_classes as head_size
 
