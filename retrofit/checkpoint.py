@@ -70,7 +70,7 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise RetrofitError(f"{path} is a directory; give a file path")
     if path.exists() and not overwrite:
-        raise RetrofitError(f"{path} exists; pass --overwrite to replace it, or choose another output")
+        raise _exists(path)
     folder = path.parent  # the nearest folder that exists: the missing ones are made in it
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -79,6 +79,10 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise RetrofitError(f"cannot write {path}: folder {folder} is not writable")
     return path
+
+
+def _exists(path: Path) -> RetrofitError:
+    return RetrofitError(f"{path} exists; pass --overwrite to replace it, or choose another output")
 
 
 def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = True) -> None:
@@ -120,7 +124,7 @@ def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = True) -> None:
                 _link_new(tmp, path)
         except FileExistsError:
             tmp.unlink(missing_ok=True)
-            raise RetrofitError(f"{path} exists; pass --overwrite to replace it, or choose another output") from None
+            raise _exists(path) from None
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise RetrofitError(f"cannot write {path}: {e.strerror or e}") from None
