@@ -148,8 +148,11 @@ def _name(source: str) -> str:
 
 def _recipe(t: FinetuneConfig) -> str:
     size = f"{t.img_size} px" if t.img_size else "the model's input size"
-    return (f"epochs {t.epochs}, batch {t.batch_size}, {t.optimizer} lr {t.lr:g} (blocks and head × {t.new_lr_mult:g}), "
-            f"warmup {t.warmup_epochs:g} epochs, weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}, "
+    block_warmup = t.block_warmup_epochs_used()
+    return (f"epochs {t.epochs}, batch {t.batch_size}, {t.optimizer} lr {t.lr:g} (head × {t.head_lr_mult:g}, "
+            f"inserted blocks × {t.block_lr_mult_used():g}"
+            + (f" ramped up over {block_warmup:g} epochs" if block_warmup else "") + "), "
+            f"warmup {t.warmup_epochs:g} epochs, BatchNorm statistics {t.bn_stats}, weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}, "
             f"{size}, random-resized crop {t.scale[0]:g}–{t.scale[1]:g}, hflip {t.hflip:g}, "
             f"colour jitter {t.color_jitter:g}{', EMA' if t.ema else ''}")
 

@@ -14,10 +14,10 @@ import typer
 from .app import app, fail, handle_errors
 from .finetune import SourceArg
 from .finetune_options import (
-    OUTPUT_PANEL, AccumSteps, BatchSize, ChannelsLast, ClipGrad, ColorJitter, Compile, Data, DatasetRoot, Device,
-    Download, Ema, EmaDecay, Epochs, Exclude, FreezeBackboneEpochs, Groups, Hflip, ImgSize, Include, Init,
-    LabelSmoothing, Lr, MinLr, Momentum, NewLrMult, NoPretrained, Optimizer, Precision, Scale, SkipBadImages, ValData,
-    WarmupEpochs, WeightDecay, Weights, Workers, recipe_settings,
+    OUTPUT_PANEL, AccumSteps, BatchSize, BlockLrMult, BlockWarmupEpochs, BnStats, ChannelsLast, ClipGrad, ColorJitter,
+    Compile, Data, DatasetRoot, Device, Download, Ema, EmaDecay, Epochs, Exclude, FreezeBackboneEpochs, Groups,
+    HeadLrMult, Hflip, ImgSize, Include, Init, LabelSmoothing, Lr, MinLr, Momentum, NewLrMult, NoPretrained, Optimizer,
+    Precision, Scale, SkipBadImages, ValData, WarmupEpochs, WeightDecay, Weights, Workers, recipe_settings,
 )
 
 GRID_PANEL = "Grid (comma lists; the grid is their product)"
@@ -70,7 +70,11 @@ def ablate(
     weight_decay: WeightDecay = 0.05,
     momentum: Momentum = 0.9,
     label_smoothing: LabelSmoothing = 0.1,
-    new_lr_mult: NewLrMult = 10.0,
+    head_lr_mult: HeadLrMult = None,
+    block_lr_mult: BlockLrMult = None,
+    block_warmup_epochs: BlockWarmupEpochs = None,
+    bn_stats: BnStats = "train",
+    new_lr_mult: NewLrMult = None,
     freeze_backbone_epochs: FreezeBackboneEpochs = 0,
     accum_steps: AccumSteps = 1,
     clip_grad: ClipGrad = None,
@@ -108,6 +112,8 @@ def ablate(
             color_jitter=color_jitter, skip_bad_images=skip_bad_images, epochs=epochs, batch_size=batch_size,
             optimizer=optimizer, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
             momentum=momentum, label_smoothing=label_smoothing, new_lr_mult=new_lr_mult,
+            head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult, block_warmup_epochs=block_warmup_epochs,
+            bn_stats=bn_stats,
             freeze_backbone_epochs=freeze_backbone_epochs, accum_steps=accum_steps, clip_grad=clip_grad, ema=ema,
             ema_decay=ema_decay, device=device, precision=precision, channels_last=channels_last, compile=compile,
         ),

@@ -44,7 +44,23 @@ WarmupEpochs = Annotated[float, typer.Option("--warmup-epochs", rich_help_panel=
 WeightDecay = Annotated[float, typer.Option("--weight-decay", rich_help_panel=RECIPE_PANEL, help="Decoupled (AdamW) or L2 (SGD) decay; never on norms, biases, gates.")]
 Momentum = Annotated[float, typer.Option("--momentum", rich_help_panel=RECIPE_PANEL, help="SGD momentum.")]
 LabelSmoothing = Annotated[float, typer.Option("--label-smoothing", rich_help_panel=RECIPE_PANEL, help="Label smoothing of the training loss.")]
-NewLrMult = Annotated[float, typer.Option("--new-lr-mult", rich_help_panel=RECIPE_PANEL, help="Learning-rate factor of the inserted blocks and the head.")]
+HeadLrMult = Annotated[Optional[float], typer.Option(
+    "--head-lr-mult", rich_help_panel=RECIPE_PANEL, show_default="10",
+    help="Learning-rate factor of the classifier head (a new one when the data has other classes).")]
+BlockLrMult = Annotated[Optional[float], typer.Option(
+    "--block-lr-mult", rich_help_panel=RECIPE_PANEL, show_default="1",
+    help="Learning-rate factor of the inserted SE/ECA blocks (measured: at 10, Adam moves the zero-initialised "
+         "gates so fast that they pull the pretrained network off course; docs/results.md).")]
+BlockWarmupEpochs = Annotated[Optional[float], typer.Option(
+    "--block-warmup-epochs", rich_help_panel=RECIPE_PANEL, show_default="0",
+    help="Ramp the inserted blocks' learning rate up from 0 over these epochs (on top of --warmup-epochs).")]
+BnStats = Annotated[str, typer.Option(
+    "--bn-stats", rich_help_panel=RECIPE_PANEL,
+    help="train: BatchNorm updates its running statistics on your data; frozen: keep the pretrained ones all run "
+         "(for small batches, or data close to the pretraining set).")]
+NewLrMult = Annotated[Optional[float], typer.Option(
+    "--new-lr-mult", hidden=True, rich_help_panel=RECIPE_PANEL,
+    help="retrofit 0.1's option: sets --head-lr-mult and --block-lr-mult together.")]
 FreezeBackboneEpochs = Annotated[int, typer.Option(
     "--freeze-backbone-epochs", rich_help_panel=RECIPE_PANEL, help="First train only the inserted blocks and the head for N epochs (BatchNorm statistics frozen too).")]
 AccumSteps = Annotated[int, typer.Option("--accum-steps", rich_help_panel=RECIPE_PANEL, help="Gradient accumulation: micro-batches per optimizer step.")]
@@ -78,9 +94,21 @@ def parse_floats(text: str, what: str, count: int) -> list[float]:
     return values
 
 
+def lr_mults(head_lr_mult: Optional[float], block_lr_mult: Optional[float],
+             new_lr_mult: Optional[float]) -> dict[str, Any]:
+    """``head_lr_mult`` (default 10) and ``block_lr_mult`` (None = the measured default) from the options;
+    retrofit 0.1's ``--new-lr-mult M`` sets both, and is refused beside either of them."""
+    if new_lr_mult is not None:
+        if head_lr_mult is not None or block_lr_mult is not None:
+            fail("--new-lr-mult sets both --head-lr-mult and --block-lr-mult; give those two instead")
+        return {"head_lr_mult": new_lr_mult, "block_lr_mult": new_lr_mult}
+    return {"head_lr_mult": 10.0 if head_lr_mult is None else head_lr_mult, "block_lr_mult": block_lr_mult}
+
+
 def recipe_settings(
     *, val_data: Optional[Path], weights: Optional[Path], no_pretrained: bool, dataset_root: Optional[Path],
-    scale: str, workers: Optional[int], **values: Any,
+    scale: str, workers: Optional[int], head_lr_mult: Optional[float] = None, block_lr_mult: Optional[float] = None,
+    new_lr_mult: Optional[float] = None, **values: Any,
 ) -> dict[str, Any]:
     """:class:`~retrofit.train.FinetuneConfig` keyword arguments from the shared options' values.
 
@@ -91,6 +119,7 @@ def recipe_settings(
 
     return {
         **values,
+        **lr_mults(head_lr_mult, block_lr_mult, new_lr_mult),
         "val_data": str(val_data) if val_data else None,
         "weights": str(weights) if weights else None,
         "pretrained": not no_pretrained,

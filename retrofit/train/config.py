@@ -20,6 +20,12 @@ from ..limits import (
 )
 
 OPTIMIZERS = ("adamw", "sgd")
+BN_STATS = ("train", "frozen")
+#: Default learning-rate factor of the inserted blocks (``--block-lr-mult``): chosen by measurement,
+#: docs/results.md ("The recipe for inserted blocks").
+BLOCK_LR_MULT = 1.0
+#: Default warm-up of the inserted blocks' learning rate, in epochs (``--block-warmup-epochs``).
+BLOCK_WARMUP_EPOCHS = 0.0
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -55,8 +61,12 @@ class FinetuneConfig:
     Optimisation:
         epochs, batch_size (per process), optimizer (``adamw``/``sgd``), lr (peak, for the
         backbone), min_lr, warmup_epochs (may be fractional), weight_decay, momentum (SGD),
-        label_smoothing, new_lr_mult (learning-rate factor of inserted blocks and the head),
-        freeze_backbone_epochs, accum_steps, clip_grad (max global L2 norm; None = off), ema,
+        label_smoothing, head_lr_mult (learning-rate factor of the classifier head),
+        block_lr_mult and block_warmup_epochs (learning-rate factor of the inserted blocks, and the
+        epochs over which it ramps up from 0; None = :data:`BLOCK_LR_MULT` / :data:`BLOCK_WARMUP_EPOCHS`,
+        a number = asked for, which a model without inserted blocks refuses), bn_stats
+        (``train``: BatchNorm updates its running statistics; ``frozen``: keeps the pretrained ones
+        for the whole run), freeze_backbone_epochs, accum_steps, clip_grad (max global L2 norm; None = off), ema,
         ema_decay, seed.
     Runtime:
         device, precision (``auto`` = bf16 autocast on CUDA, fp32 on CPU), channels_last
@@ -97,7 +107,10 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     momentum: float = 0.9
     label_smoothing: float = 0.1
-    new_lr_mult: float = 10.0
+    head_lr_mult: float = 10.0
+    block_lr_mult: float | None = None
+    block_warmup_epochs: float | None = None
+    bn_stats: str = "train"
     freeze_backbone_epochs: int = 0
     accum_steps: int = 1
     clip_grad: float | None = None
@@ -130,7 +143,13 @@ class FinetuneConfig:
             (_finite(self.momentum) and 0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
             (_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (_positive(self.new_lr_mult), f"--new-lr-mult must be positive, got {self.new_lr_mult}"),
+            (_positive(self.head_lr_mult), f"--head-lr-mult must be a number > 0, got {self.head_lr_mult}"),
+            (self.block_lr_mult is None or _positive(self.block_lr_mult),
+             f"--block-lr-mult must be a number > 0, got {self.block_lr_mult}"),
+            (self.block_warmup_epochs is None or (_finite(self.block_warmup_epochs)
+                                                  and 0 <= self.block_warmup_epochs <= self.epochs),
+             f"--block-warmup-epochs must be between 0 and --epochs, got {self.block_warmup_epochs}"),
+            (self.bn_stats in BN_STATS, f"unknown --bn-stats {self.bn_stats!r}; choose one of: {', '.join(BN_STATS)}"),
             (0 <= self.freeze_backbone_epochs <= self.epochs,
              f"--freeze-backbone-epochs must be between 0 and --epochs, got {self.freeze_backbone_epochs}"),
             (1 <= self.accum_steps <= MAX_ACCUM_STEPS,
@@ -162,6 +181,19 @@ class FinetuneConfig:
                 raise RetrofitError(message)
         check_block_numbers(reduction=self.reduction, kernel_size=self.kernel_size, groups=self.groups,
                             stages=self.stages)
+
+    def block_lr_mult_used(self) -> float:
+        """The inserted blocks' learning-rate factor: ``block_lr_mult``, or :data:`BLOCK_LR_MULT` when not given."""
+        return BLOCK_LR_MULT if self.block_lr_mult is None else self.block_lr_mult
+
+    def block_warmup_epochs_used(self) -> float:
+        """The inserted blocks' warm-up in epochs: ``block_warmup_epochs``, or :data:`BLOCK_WARMUP_EPOCHS`."""
+        return BLOCK_WARMUP_EPOCHS if self.block_warmup_epochs is None else self.block_warmup_epochs
+
+    def block_settings_given(self) -> list[str]:
+        """The block-only options asked for explicitly (``--block-lr-mult``, ``--block-warmup-epochs``)."""
+        return [flag for flag, value in (("--block-lr-mult", self.block_lr_mult),
+                                         ("--block-warmup-epochs", self.block_warmup_epochs)) if value is not None]
 
     def warmup_epochs_used(self) -> float:
         """The warm-up the schedule runs: ``warmup_epochs``, capped at :data:`~retrofit.limits.MAX_WARMUP_FRACTION`
@@ -195,6 +227,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
         """Rebuild from :meth:`to_dict` output; unknown keys are a :class:`RetrofitError`."""
+        data = upgrade(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -208,12 +241,25 @@ RESUME_FIELDS = (
     "source", "data", "val_data", "block", "placement", "init", "reduction", "kernel_size", "groups", "include",
     "exclude", "stages", "replace_existing", "weights", "pretrained", "img_size", "hflip", "scale", "color_jitter",
     "epochs", "batch_size", "optimizer", "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum", "label_smoothing",
-    "new_lr_mult", "freeze_backbone_epochs", "accum_steps", "clip_grad", "ema", "ema_decay", "seed", "precision",
+    "head_lr_mult", "block_lr_mult", "block_warmup_epochs", "bn_stats", "freeze_backbone_epochs", "accum_steps", "clip_grad", "ema", "ema_decay", "seed", "precision",
 )
+
+
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run record of retrofit 0.1 in today's names: its ``new_lr_mult`` was the factor of both the inserted
+    blocks and the head (``head_lr_mult`` and ``block_lr_mult`` now)."""
+    if "new_lr_mult" not in saved:
+        return saved
+    data = dict(saved)
+    mult = data.pop("new_lr_mult")
+    data.setdefault("head_lr_mult", mult)
+    data.setdefault("block_lr_mult", mult)
+    return data
 
 
 def resume_mismatch(saved: dict[str, Any], current: FinetuneConfig) -> str | None:
     """The first setting that differs from the saved run, as a one-line message; None when all match."""
+    saved = upgrade(saved)
     now = current.to_dict()
     for name in RESUME_FIELDS:
         if name in saved and saved[name] != now[name]:

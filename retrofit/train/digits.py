@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import RetrofitError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def write_digits(
@@ -43,13 +47,30 @@ def write_digits(
         raise RetrofitError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     try:
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
     except ImportError:
         raise RetrofitError("the digits set needs scikit-learn: pip install 'retrofit[demo]'") from None
+    import numpy as np
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    return write_split_tree(folder, pixels, [str(int(t)) for t in digits.target], val_fraction=val_fraction,
+                            seed=seed, overwrite=overwrite)
+
+
+def write_split_tree(folder: str | os.PathLike, pixels: "np.ndarray", labels: list[str], *, val_fraction: float,
+                     seed: int, overwrite: bool) -> dict[str, int]:
+    """Write 8-bit greyscale images ``pixels`` (N, H, W) as ``folder/{train,val}/<label>/NNNN.png``.
+
+    The split is stratified by label (``sklearn.model_selection.train_test_split`` with
+    ``random_state=seed``); file names are the image's index in ``pixels``. Returns
+    ``{"train": n_train, "val": n_val}``. Raises :class:`RetrofitError` when the tree exists and
+    ``overwrite`` is False.
+    """
     import shutil
 
     import numpy as np
     from PIL import Image
+    from sklearn.model_selection import train_test_split
 
     root = Path(folder)
     splits = {"train": root / "train", "val": root / "val"}
@@ -59,14 +80,12 @@ def write_digits(
     for p in existing:
         shutil.rmtree(p)
 
-    digits = load_digits()
-    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
     index = np.arange(len(pixels))
-    train_idx, val_idx = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    train_idx, val_idx = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=labels)
     counts = {}
     for split, chosen in (("train", train_idx), ("val", val_idx)):
         for i in sorted(chosen.tolist()):
-            target = splits[split] / str(int(digits.target[i]))
+            target = splits[split] / labels[i]
             target.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[i]).save(target / f"{i:04d}.png")
         counts[split] = len(chosen)

@@ -40,8 +40,9 @@ from ..errors import RetrofitError
 from ..interrupts import deferred
 from . import distributed, report
 from .config import FinetuneConfig
-from .model import freeze_batchnorm_stats, new_parameter_names, set_backbone_frozen
-from .optim import make_ema, make_optimizer, make_scheduler
+from .diagnostics import parameter_drift, parameter_snapshot, recording_gates
+from .model import freeze_batchnorm_stats, gate_parameter_names, new_parameter_names, set_backbone_frozen
+from .optim import apply_block_warmup, block_warmup_updates, make_ema, make_optimizer, make_scheduler
 from .outputs import write_epoch_files, write_state
 from .run_folder import RunFolder
 from .setup import set_up
@@ -95,7 +96,8 @@ class Trainer:
             self._restore(self.state)
             if self.d.is_main and self.history:
                 write_epoch_files(self)
-        self.scheduler.step_update(self.updates)
+            self.drift_start = (self.epoch, parameter_snapshot(self.model))
+        self._step_schedule()
 
     def prepare(self, model: nn.Module, batches_per_epoch: int) -> None:
         """Put ``model`` on the device and build optimizer, schedule, loss and EMA for it.
@@ -109,6 +111,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.new_names = new_parameter_names(model)
+        self.has_blocks = bool(gate_parameter_names(model))  # inserted blocks with parameters (their own group)
         self.batches_per_epoch = batches_per_epoch
         self.updates_per_epoch = math.ceil(batches_per_epoch / cfg.accum_steps)
 
@@ -116,6 +119,9 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg, self.updates_per_epoch)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.ema = make_ema(model, cfg)
+        self.block_warmup = block_warmup_updates(cfg, self.updates_per_epoch)
+        #: (epoch, parameters) that drift.csv measures from: the run's start, or the epoch a resume began at
+        self.drift_start = (0, parameter_snapshot(model))
 
         self.epoch, self.updates = 0, 0
         self.saved_epoch = 0  # the last epoch whose trainer state is written: --resume continues from it
@@ -145,6 +151,11 @@ class Trainer:
             self.console.print(f"note: resuming with {self.d.world_size} processes instead of {len(state.rng)}; "
                                "the result will not match an uninterrupted run exactly", markup=False, soft_wrap=True)
             set_rng_state(state.rng[0])
+
+    def _step_schedule(self) -> None:
+        """Set every group's learning rate for the next update: timm's schedule, then the blocks' warm-up."""
+        self.scheduler.step_update(self.updates)
+        apply_block_warmup(self.optimizer, self.updates, self.block_warmup)
 
     def enter_phase(self, frozen: bool) -> None:
         """Freeze or unfreeze the backbone and (re)wrap the model for DDP / torch.compile."""
@@ -201,7 +212,7 @@ class Trainer:
         """
         cfg, d = self.config, self.d
         self.model.train()
-        if self.frozen:
+        if self.frozen or cfg.bn_stats == "frozen":
             freeze_batchnorm_stats(self.model)
         n_batches = len(batches)
         accum = cfg.accum_steps
@@ -238,7 +249,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.updates += 1
-                self.scheduler.step_update(self.updates)
+                self._step_schedule()
                 if self.ema is not None:
                     self.ema.update(self.model, step=self.updates)
                 group_has_grad = False
@@ -318,7 +329,8 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         train = self.train_one_epoch(epoch, self.train_loader, progress)
         distributed.average_batchnorm_stats(d, self.model, *([self.ema.module] if self.ema is not None else []))
-        val = self.evaluate(self.model)
+        with recording_gates(self.model) as gates:
+            val = self.evaluate(self.model)
         ema_val = self.evaluate(self.ema.module) if self.ema is not None else None
         row = {
             "epoch": epoch + 1,
@@ -331,6 +343,9 @@ class Trainer:
             "train_images_per_s": train["train_images_per_s"],
             "epoch_seconds": train["epoch_seconds"],
             "skipped_images": train["skipped_images"] + val["skipped"],
+            # diagnostics (gates.csv, drift.csv); rank 0's view, the same weights on every rank
+            "gates": gates.rows(epoch + 1) if gates is not None else [],
+            "drift": parameter_drift(self.model, self.drift_start[1], epoch + 1, since=self.drift_start[0]),
         }
         candidates = [(val["top1"], "model")] + ([(ema_val["top1"], "ema")] if ema_val else [])
         top1, which = max(candidates, key=lambda c: c[0])

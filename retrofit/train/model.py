@@ -1,8 +1,9 @@
 """The model side of fine-tuning: source → model, head replacement, parameter groups, freezing.
 
-Which parameters are *new* decides their learning rate (``new_lr_mult``) and what trains while
-the backbone is frozen: every parameter of an inserted :class:`~retrofit.blocks.ChannelGate`
-and of the classifier head. Everything else is the *backbone*.
+Which parameters are *new* decides what trains while the backbone is frozen: every parameter of
+an inserted :class:`~retrofit.blocks.ChannelGate` (the *blocks*) and of the classifier *head*.
+Everything else is the *backbone*. The three groups get their own learning-rate factors
+(:func:`param_groups`).
 """
 
 from __future__ import annotations
@@ -143,33 +144,59 @@ def gate_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in prefixes)}
 
 
-def param_groups(model: nn.Module, *, weight_decay: float, new_lr_mult: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: {backbone, new} × {decay, no decay}, empty ones dropped.
+#: Parameter-group names of a run, in optimizer order.
+GROUPS = ("backbone", "blocks", "head")
 
-    No weight decay on 0-/1-D tensors (norm scales and shifts, biases) and on gate parameters:
-    like norm scales they set per-channel gains, and decay would only bias those gains towards
-    the input-independent gate (timm's ``no_weight_decay`` lists follow the same idea). New parameters get
-    ``lr_scale = new_lr_mult``, which timm's schedulers multiply into each group's lr. Each
-    group carries ``names`` (parameter names, in order) for name-keyed optimizer state.
-    """
-    new = new_parameter_names(model)
+
+def parameter_group_names(model: nn.Module) -> dict[str, str]:
+    """Each parameter's group: ``blocks`` (inside an inserted :class:`~retrofit.blocks.ChannelGate`),
+    ``head`` (the classifier, :func:`head`) or ``backbone`` (everything else)."""
     gates = gate_parameter_names(model)
-    buckets: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
+    new = new_parameter_names(model)
+    return {n: "blocks" if n in gates else "head" if n in new else "backbone" for n, _ in model.named_parameters()}
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, head_lr_mult: float,
+                 block_lr_mult: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: {backbone, blocks, head} × {decay, no decay}, empty ones dropped.
+
+    No weight decay on 0-/1-D tensors (norm scales and shifts, biases) and on the inserted blocks:
+    like norm scales they set per-channel gains, and decay would only pull an identity-init gate
+    towards an input-independent one (timm's ``no_weight_decay`` lists follow the same idea).
+    ``lr_scale`` (which timm's schedulers multiply into each group's lr) is 1 for the backbone,
+    ``head_lr_mult`` for the head and ``block_lr_mult`` for the blocks. Each group carries
+    ``group`` (its name in :data:`GROUPS`) and ``names`` (parameter names, in order, for
+    name-keyed optimizer state).
+    """
+    which = parameter_group_names(model)
+    scale = {"backbone": 1.0, "blocks": block_lr_mult, "head": head_lr_mult}
+    buckets: dict[tuple[str, bool], list[tuple[str, nn.Parameter]]] = {}
     for name, p in model.named_parameters():
-        decay = p.ndim > 1 and name not in gates
-        buckets.setdefault((name in new, decay), []).append((name, p))
+        group = which[name]
+        decay = p.ndim > 1 and group != "blocks"
+        buckets.setdefault((group, decay), []).append((name, p))
     groups = []
-    for is_new in (False, True):
+    for group in GROUPS:
         for decay in (True, False):
-            items = buckets.get((is_new, decay))
+            items = buckets.get((group, decay))
             if items:
                 groups.append({
                     "params": [p for _, p in items],
                     "names": [n for n, _ in items],
+                    "group": group,
                     "weight_decay": weight_decay if decay else 0.0,
-                    "lr_scale": new_lr_mult if is_new else 1.0,
+                    "lr_scale": scale[group],
                 })
     return groups
+
+
+def check_block_settings(model: nn.Module, config: FinetuneConfig) -> None:
+    """Refuse (one line) block-only settings asked for on a model without inserted blocks: they would
+    match no parameter. Raises :class:`RetrofitError`."""
+    given = config.block_settings_given()
+    if given and not gate_parameter_names(model):
+        raise RetrofitError(f"{given[0]} applies to inserted blocks, and {describe_source(config)} has none with "
+                            "parameters; add --block eca (or se), or leave it out")
 
 
 def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:

@@ -1,9 +1,10 @@
 """The optimisation recipe of a run: optimizer, learning-rate schedule, EMA of the weights.
 
-AdamW or SGD (Nesterov) over :func:`retrofit.train.model.param_groups` (backbone and new
-parameters, with and without weight decay); timm's ``CosineLRScheduler`` stepped after every
-optimizer update, with a linear warmup from ``lr / 100``; timm's ``ModelEmaV3`` with its
-decay warmup. As in timm ``train.py``.
+AdamW or SGD (Nesterov) over :func:`retrofit.train.model.param_groups` (backbone, inserted blocks
+and head, with and without weight decay); timm's ``CosineLRScheduler`` stepped after every
+optimizer update, with a linear warmup from ``lr / 100``; on top of it, the inserted blocks'
+own linear warm-up from 0 (:func:`apply_block_warmup`); timm's ``ModelEmaV3`` with its decay
+warmup. As in timm ``train.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from .model import param_groups
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW (decoupled decay) or SGD (Nesterov when ``momentum`` > 0, L2 decay) at peak ``lr``."""
-    groups = param_groups(model, weight_decay=cfg.weight_decay, new_lr_mult=cfg.new_lr_mult)
+    groups = param_groups(model, weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult,
+                          block_lr_mult=cfg.block_lr_mult_used())
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
@@ -51,6 +53,28 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, update
         )
     finally:
         timm_log.setLevel(level)
+
+
+def block_warmup_updates(cfg: FinetuneConfig, updates_per_epoch: int) -> int:
+    """Optimizer updates over which the inserted blocks' learning rate ramps up from 0 (0 = no ramp)."""
+    return round(cfg.block_warmup_epochs_used() * updates_per_epoch)
+
+
+def apply_block_warmup(optimizer: torch.optim.Optimizer, updates: int, warmup: int) -> None:
+    """Scale the ``blocks`` groups' learning rate by ``(updates + 1) / warmup`` until it reaches 1.
+
+    ``updates`` is the count of updates done, the one the scheduler was just stepped to: the next
+    update is number ``updates + 1``, so the blocks' first update runs at ``1 / warmup`` of their
+    rate and update ``warmup`` at the full rate. Call right after the scheduler's
+    ``step_update(updates)``, which sets every group's lr afresh (timm schedulers write
+    ``lr = value × lr_scale``), so the factor never compounds.
+    """
+    if warmup <= 0 or updates + 1 >= warmup:
+        return
+    factor = (updates + 1) / warmup
+    for group in optimizer.param_groups:
+        if group.get("group") == "blocks":
+            group["lr"] *= factor
 
 
 def make_ema(model: nn.Module, cfg: FinetuneConfig) -> Any:

@@ -1,4 +1,4 @@
-"""The files a run writes: the trainer state and checkpoints of each epoch, ``metrics.csv``, ``curves.png``,
+"""The files a run writes: the trainer state and checkpoints of each epoch, ``metrics.csv``, ``gates.csv``, ``drift.csv``, ``curves.png``,
 ``config.json``, ``summary.json``.
 
 Every file is rewritten whole from the run's in-memory state and replaced atomically
@@ -66,6 +66,7 @@ def write_epoch_files(t: Trainer) -> None:
         metrics = ema_val if weights == "ema" and ema_val is not None else val
         save_checkpoint(module, t.out / BEST, extra=checkpoint_extra(t, t.epoch, weights, metrics))
     write_metrics_csv(t.out / "metrics.csv", t.history)
+    write_diagnostics_csv(t.out, t.history)
     write_curves(t.out / "curves.png", t.history, describe_source(t.config))
 
 
@@ -81,6 +82,23 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     for row in history:
         writer.writerow({k: _cell(row.get(k)) for k in METRIC_COLUMNS})
     atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def write_diagnostics_csv(folder: Path, history: list[dict[str, Any]]) -> None:
+    """``gates.csv`` (per epoch and stage; only for a model with inserted blocks) and ``drift.csv`` (per epoch
+    and parameter group) from the history rows' ``gates`` and ``drift`` (:mod:`.diagnostics`)."""
+    from .diagnostics import DRIFT_COLUMNS, GATE_COLUMNS
+
+    for name, key, columns in (("gates.csv", "gates", GATE_COLUMNS), ("drift.csv", "drift", DRIFT_COLUMNS)):
+        rows = [r for row in history for r in row.get(key) or []]
+        if not rows:
+            continue
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _cell(r.get(k)) for k in columns})
+        atomic_write_bytes(folder / name, buffer.getvalue().encode())
 
 
 def _cell(value: Any) -> Any:

@@ -55,6 +55,9 @@ def run_record(t: Trainer) -> dict[str, Any]:
         "data_config": jsonable(t.data_config),
         "head": {"classes_before": t.head_before, "classes": len(t.splits.classes), "replaced": t.head_replaced},
         "params": params, "new_params": new,
+        # the learning-rate factors and block warm-up in effect (the config's None = the measured default)
+        "lr_mults": {"backbone": 1.0, "blocks": t.config.block_lr_mult_used(), "head": t.config.head_lr_mult},
+        "block_warmup_updates": t.block_warmup,
         "world_size": t.d.world_size, "device": str(t.device),
         "precision": "bf16-autocast" if t.autocast_dtype is not None else "fp32",
         "channels_last": t.channels_last,
@@ -92,7 +95,14 @@ def start_line(t: Trainer) -> str:
         head = f"head {t.head_before} → {len(t.splits.classes)} classes (new{why})"
     precision = "bf16 autocast" if t.autocast_dtype is not None else "fp32"
     what = "resuming" if cfg.resume else "fine-tuning"
-    return (f"{what} {describe_source(cfg)} · {t.splits.description} · {head} · {t.device} {precision} · "
+    rates = f"lr {cfg.lr:g}, head × {cfg.head_lr_mult:g}"
+    if t.has_blocks:
+        rates += f", blocks × {cfg.block_lr_mult_used():g}"
+        if t.block_warmup:
+            rates += f" (warm-up {t.block_warmup} updates)"
+    if cfg.bn_stats == "frozen":
+        rates += ", BatchNorm statistics frozen"
+    return (f"{what} {describe_source(cfg)} · {t.splits.description} · {head} · {rates} · {t.device} {precision} · "
             f"{t.d.world_size} process(es) × batch {cfg.batch_size} × accum {cfg.accum_steps} · "
             f"{t.batches_per_epoch} batches/epoch")
 

@@ -30,7 +30,8 @@ from .config import FinetuneConfig
 from .state import STATE_FILE
 
 LAST, BEST, EMA = "last.safetensors", "best.safetensors", "ema.safetensors"
-RUN_FILES = (LAST, BEST, EMA, STATE_FILE, "metrics.csv", "curves.png", "config.json", "summary.json")
+RUN_FILES = (LAST, BEST, EMA, STATE_FILE, "metrics.csv", "gates.csv", "drift.csv", "curves.png", "config.json",
+             "summary.json")
 #: Where --overwrite keeps the run it replaces until the new run's first epoch is saved
 #: (``MOVING`` while the files are being moved there).
 REPLACED = ".replaced"

@@ -23,7 +23,7 @@ from ..errors import RetrofitError
 from . import distributed
 from .config import FinetuneConfig, resume_mismatch
 from .data import Splits, build_splits, data_config, loaders, transforms
-from .model import load_source, num_classes, replace_head
+from .model import check_block_settings, load_source, num_classes, replace_head
 from .state import TrainerState, load_trainer_state
 
 
@@ -100,6 +100,7 @@ def set_up(config: FinetuneConfig, d: distributed.Dist, out: Path) -> RunInputs:
         model = rebuild(Recipe.from_json(state.recipe))
     else:
         model = load_source(cfg)
+    check_block_settings(model, cfg)
 
     config_of_data = data_config(model, cfg.img_size)
     train_tf, eval_tf = transforms(config_of_data, hflip=cfg.hflip, scale=cfg.scale, color_jitter=cfg.color_jitter)
@@ -120,6 +121,11 @@ def set_up(config: FinetuneConfig, d: distributed.Dist, out: Path) -> RunInputs:
     # its rows would otherwise be read as the data's classes in its own order.
     recorded = getattr(model, "retrofit_class_names", None)
     renamed = bool(recorded) and list(recorded) != list(splits.classes) and not cfg.resume
+    # Common random numbers: inserting a block draws random numbers (its layers' default init, before
+    # identity init zeroes them), so without a fresh seed here the base model and its retrofit would
+    # get different new heads, dropout masks and augmentations under one --seed, and a paired
+    # comparison would measure those draws as much as the block (docs/results.md).
+    seed_all(cfg.seed + d.rank)
     head_replaced = replace_head(model, classes, force=renamed) if not cfg.resume else False
     if num_classes(model) != classes:
         raise RetrofitError(f"the run being resumed has {num_classes(model)} classes but the data has {classes}")
