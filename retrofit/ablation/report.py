@@ -65,6 +65,7 @@ def markdown(header: dict[str, Any], grid: Grid, results: list[RunResult], summa
         lines += [f"## Training: {train} ({_TRAIN_TITLES[train]}){_layout(grid)}", ""]
         lines += _table(rows, columns)
         lines.append("")
+    lines += _moved_table(summaries, cells)
     failed = [r for r in results if r.row["status"] == "failed"]
     if failed:
         lines += ["## Failed runs", ""] + [f"* `{r.run.folder}`: {r.row['error']}" for r in failed] + [""]
@@ -77,6 +78,35 @@ def markdown(header: dict[str, Any], grid: Grid, results: list[RunResult], summa
         "McNemar's p < 0.05 (with one seed: p alone), otherwise *not distinguishable*. MACs: one forward pass of "
         "one image at the run's input size.", ""]
     return "\n".join(lines)
+
+
+def _moved_table(summaries: list[dict[str, Any]], cells: list[Cell]) -> list[str]:
+    """``## What moved``: per cell, the RMS change of backbone, blocks and head since the run's start, and per
+    stage the gates' mean |gate − 1| with their range (an identity-init gate starts at exactly 1; its range
+    is (0, 2), so a min near 0 or a max near 2 is a saturated gate). Mean over seeds, last epoch."""
+    by_id = {s["cell"]: s for s in summaries}
+    rows = [by_id[c.id] for c in cells if c.id in by_id and (by_id[c.id]["moved"] or {}).get("drift")]
+    if not rows:
+        return []
+    stages = sorted({st for s in rows for st in s["moved"]["gates"]})
+    head = ["cell", "RMS Δ backbone", "RMS Δ blocks", "RMS Δ head"] + [f"stage {st}: mean abs(gate − 1) [min, max]"
+                                                                       for st in stages]
+    out = ["## What moved (last epoch, mean over seeds)", "",
+           "RMS Δ: root-mean-square change of each parameter group since the run's start (`drift.csv`). Gates: "
+           "the inserted blocks' gate values on the validation images (`gates.csv`); identity init starts every "
+           "gate at exactly 1, and its range is (0, 2).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in rows:
+        drift, gates = s["moved"]["drift"], s["moved"]["gates"]
+        cells_ = [s["cell"]] + [_small(drift.get(g)) for g in ("backbone", "blocks", "head")]
+        cells_ += [f"{_small(gates[st]['dev'])} [{gates[st]['min']:.3f}, {gates[st]['max']:.3f}]" if st in gates
+                   else "—" for st in stages]
+        out.append("| " + " | ".join(cells_) + " |")
+    return out + [""]
+
+
+def _small(v: Any) -> str:
+    return "—" if v is None else f"{v:.2e}"
 
 
 def _layout(grid: Grid) -> str:

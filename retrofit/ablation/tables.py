@@ -39,6 +39,9 @@ class RunResult:
     row: dict[str, Any]
     paths: list[str] | None = None
     correct: list[bool] | None = None
+    #: the last epoch's ``drift.csv`` (group → RMS change) and ``gates.csv`` (stage → its row); empty when absent
+    drift: dict[str, float] | None = None
+    gates: dict[int, dict[str, float]] | None = None
 
     @property
     def done(self) -> bool:
@@ -79,7 +82,19 @@ def _collect_one(folder: Path, run: Run, epochs: int, macs: dict[Cell, int]) -> 
         seconds=round(seconds, 3), images_per_s=round(images / seconds, 3) if seconds else "",
     )
     paths, correct = _predictions(folder / PREDICTIONS)
-    return RunResult(run, row, paths, correct)
+    drift = {r["group"]: float(r["rms_change"]) for r in _last_epoch(folder / "drift.csv")}
+    gates = {int(r["stage"]): {k: float(v) for k, v in r.items() if k.startswith("gate_")}
+             for r in _last_epoch(folder / "gates.csv")}
+    return RunResult(run, row, paths, correct, drift, gates)
+
+
+def _last_epoch(path: Path) -> list[dict[str, str]]:
+    """The rows of the last epoch of a ``gates.csv`` / ``drift.csv`` (none when the file is absent)."""
+    if not path.is_file():
+        return []
+    rows = _metrics(path)
+    last = max((int(r["epoch"]) for r in rows), default=0)
+    return [r for r in rows if int(r["epoch"]) == last]
 
 
 def _metrics(path: Path) -> list[dict[str, str]]:
@@ -121,6 +136,7 @@ def summarize(results: list[RunResult], cells: list[Cell]) -> list[dict[str, Any
             "top1": top1, "top1_mean": _mean(top1.values()), "top1_std": _std(top1.values()),
             "top5_mean": _mean([r.row["val_top5"] for r in done.values()]),
             "params_delta": None, "macs_delta": None, "paired": None, "mcnemar": None, "verdict": None,
+            "moved": _moved(list(done.values())),
         }
         base = by_cell.get(cell.base())
         if cell.is_base:
@@ -146,6 +162,20 @@ def _against_base(summary: dict[str, Any], done: dict[int, RunResult], base: dic
     summary["paired"] = {"seeds": seeds, "mean": diff.mean, "low": diff.low, "high": diff.high, "level": diff.level}
     summary["mcnemar"] = {"base_only_correct": b, "cell_only_correct": c, "p": p}
     summary["verdict"] = verdict(diff, p)
+
+
+def _moved(done: list[RunResult]) -> dict[str, Any]:
+    """Mean over seeds of the last epoch's RMS parameter change per group, and per stage of the gates' mean
+    distance from 1 and their min / max (the extremes over seeds)."""
+    groups = sorted({g for r in done for g in (r.drift or {})}, key=["backbone", "blocks", "head"].index)
+    stages = sorted({st for r in done for st in (r.gates or {})})
+    drift = {g: _mean([r.drift[g] for r in done if r.drift and g in r.drift]) for g in groups}
+    gates = {}
+    for st in stages:
+        rows = [r.gates[st] for r in done if r.gates and st in r.gates]
+        gates[st] = {"dev": _mean([row["gate_mean_abs_dev_from_1"] for row in rows]),
+                     "min": min(row["gate_min"] for row in rows), "max": max(row["gate_max"] for row in rows)}
+    return {"drift": drift, "gates": gates}
 
 
 def _mean(values: Any) -> float | None:
