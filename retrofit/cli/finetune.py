@@ -24,6 +24,7 @@ from .finetune_options import (
     Include, Init, LabelSmoothing, Lr, MinLr, Momentum, NewLrMult, NoPretrained, Optimizer, Precision, Scale, Seed,
     SkipBadImages, ValData, WarmupEpochs, WeightDecay, Weights, Workers, in_panel, recipe_settings,
 )
+from .finetune_options import Train
 
 # the insertion options shared with `add` that ablate turns into axes, shown in this command's insertion panel
 Placement, Reduction, Kernel, Stages, Replace = (
@@ -93,6 +94,7 @@ def finetune(
     until_epoch: Annotated[Optional[int], typer.Option(
         "--until-epoch", rich_help_panel=OUTPUT_PANEL, help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")] = None,
     as_json: Json = False,
+    train: Train = "full",
 ) -> None:
     """Fine-tune SOURCE on an image dataset; write last/best checkpoints, metrics.csv and curves.png."""
     insertion = {"--placement": placement != "standard", "--init": init != "identity", "--reduction": reduction != 16,
@@ -111,7 +113,7 @@ def finetune(
         placement=placement, reduction=reduction,
         kernel_size=kernels[0] if kernels and len(kernels) == 1 else kernels,
         stages=parse_ints(stages, "--stages"), replace_existing=replace_existing, until_epoch=until_epoch,
-        resume=resume, overwrite=overwrite,
+        resume=resume, overwrite=overwrite, train=train,
         **recipe_settings(
             val_data=val_data, weights=weights, no_pretrained=no_pretrained, dataset_root=dataset_root, scale=scale,
             workers=workers, init=init, groups=groups, include=list(include) if include else None,

@@ -66,6 +66,11 @@ ChannelsLast = Annotated[Optional[bool], typer.Option(
     "--channels-last/--no-channels-last", rich_help_panel=DEVICE_PANEL, help="Memory format (default: channels_last on CUDA).")]
 Compile = Annotated[bool, typer.Option("--compile", rich_help_panel=DEVICE_PANEL, help="Wrap the model in torch.compile.")]
 
+# issue 20: what trains
+Train = Annotated[str, typer.Option(
+    "--train", rich_help_panel=RECIPE_PANEL, help="full (every weight); blocks (the inserted blocks and the head, backbone "
+    "and BatchNorm statistics frozen); head (the head alone). blocks and head also write best.adapter.safetensors.")]
+
 
 def parse_floats(text: str, what: str, count: int) -> list[float]:
     """``"0.5,1"`` → ``[0.5, 1.0]``; a one-line error unless exactly ``count`` numbers."""

@@ -20,6 +20,8 @@ from ..limits import (
 )
 
 OPTIMIZERS = ("adamw", "sgd")
+#: ``--train``: every weight; the inserted blocks and the head; the head alone.
+TRAIN_MODES = ("full", "blocks", "head")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -58,6 +60,10 @@ class FinetuneConfig:
         label_smoothing, new_lr_mult (learning-rate factor of inserted blocks and the head),
         freeze_backbone_epochs, accum_steps, clip_grad (max global L2 norm; None = off), ema,
         ema_decay, seed.
+    What trains (issue 20):
+        train: ``full`` (every weight), ``blocks`` (the inserted blocks and the head; backbone and
+            BatchNorm statistics frozen every epoch) or ``head`` (the head alone). ``blocks`` and
+            ``head`` also write ``best.adapter.safetensors`` (:mod:`retrofit.adapter`).
     Runtime:
         device, precision (``auto`` = bf16 autocast on CUDA, fp32 on CPU), channels_last
         (None = on for CUDA), compile (torch.compile), until_epoch (stop after this epoch; the
@@ -111,6 +117,8 @@ class FinetuneConfig:
     until_epoch: int | None = None
     resume: bool = False
     overwrite: bool = False
+    # issue 20: what trains
+    train: str = "full"
 
     def validate(self) -> None:
         """Raise :class:`RetrofitError` (one line) for any value out of range (:mod:`retrofit.limits`).
@@ -156,6 +164,10 @@ class FinetuneConfig:
             (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and 2**63 - 1, got {self.seed}"),
             (not (str(self.source).endswith(".safetensors") and not self.pretrained),
              "--no-pretrained applies to a model name; a checkpoint holds its own weights"),
+            # issue 20
+            (self.train in TRAIN_MODES, f"unknown --train {self.train!r}; choose one of: {', '.join(TRAIN_MODES)}"),
+            (self.train == "full" or not self.freeze_backbone_epochs,
+             f"--freeze-backbone-epochs applies with --train full; --train {self.train} freezes the backbone every epoch"),
         ]
         for ok, message in checks:
             if not ok:
@@ -209,6 +221,7 @@ RESUME_FIELDS = (
     "exclude", "stages", "replace_existing", "weights", "pretrained", "img_size", "hflip", "scale", "color_jitter",
     "epochs", "batch_size", "optimizer", "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum", "label_smoothing",
     "new_lr_mult", "freeze_backbone_epochs", "accum_steps", "clip_grad", "ema", "ema_decay", "seed", "precision",
+    "train",  # issue 20
 )
 
 

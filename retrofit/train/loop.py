@@ -40,7 +40,7 @@ from ..errors import RetrofitError
 from ..interrupts import deferred
 from . import distributed, report
 from .config import FinetuneConfig
-from .model import freeze_batchnorm_stats, new_parameter_names, set_backbone_frozen
+from .model import freeze_batchnorm_stats, freeze_gates, new_parameter_names, set_backbone_frozen
 from .optim import make_ema, make_optimizer, make_scheduler
 from .outputs import write_epoch_files, write_state
 from .run_folder import RunFolder
@@ -152,6 +152,8 @@ class Trainer:
             return
         self.frozen = frozen
         set_backbone_frozen(self.model, frozen)
+        if self.config.train == "head":
+            freeze_gates(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         wrapped: nn.Module = self.model
         if self.d.distributed:
@@ -314,10 +316,11 @@ class Trainer:
         """Train and evaluate one epoch, then (rank 0) write the trainer state first and the other files after it."""
         cfg, d = self.config, self.d
         epoch = self.epoch
-        self.enter_phase(epoch < cfg.freeze_backbone_epochs)
+        self.enter_phase(epoch < cfg.freeze_backbone_epochs or cfg.train != "full")
         self.train_sampler.set_epoch(epoch)
         train = self.train_one_epoch(epoch, self.train_loader, progress)
-        distributed.average_batchnorm_stats(d, self.model, *([self.ema.module] if self.ema is not None else []))
+        if not self.frozen:  # frozen statistics are the same on every rank, and a mean of 3 copies may round
+            distributed.average_batchnorm_stats(d, self.model, *([self.ema.module] if self.ema is not None else []))
         val = self.evaluate(self.model)
         ema_val = self.evaluate(self.ema.module) if self.ema is not None else None
         row = {
