@@ -24,7 +24,9 @@ from .finetune_options import (
     Include, Init, LabelSmoothing, Lr, MinLr, Momentum, NewLrMult, NoPretrained, Optimizer, Precision, Scale, Seed,
     SkipBadImages, ValData, WarmupEpochs, WeightDecay, Weights, Workers, in_panel, recipe_settings,
 )
-from .finetune_options import Train
+from .finetune_options import (
+    AutoAugment, Cutmix, Mixup, MixupMode, MixupProb, MixupSwitchProb, ReCount, ReMode, ReProb, Train,
+)
 
 # the insertion options shared with `add` that ablate turns into axes, shown in this command's insertion panel
 Placement, Reduction, Kernel, Stages, Replace = (
@@ -95,6 +97,15 @@ def finetune(
         "--until-epoch", rich_help_panel=OUTPUT_PANEL, help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")] = None,
     as_json: Json = False,
     train: Train = "full",
+    auto_augment: AutoAugment = None,
+    re_prob: ReProb = 0.0,
+    re_mode: ReMode = "pixel",
+    re_count: ReCount = 1,
+    mixup: Mixup = 0.0,
+    cutmix: Cutmix = 0.0,
+    mixup_prob: MixupProb = 1.0,
+    mixup_switch_prob: MixupSwitchProb = 0.5,
+    mixup_mode: MixupMode = "batch",
 ) -> None:
     """Fine-tune SOURCE on an image dataset; write last/best checkpoints, metrics.csv and curves.png."""
     insertion = {"--placement": placement != "standard", "--init": init != "identity", "--reduction": reduction != 16,
@@ -124,6 +135,8 @@ def finetune(
             freeze_backbone_epochs=freeze_backbone_epochs, accum_steps=accum_steps, clip_grad=clip_grad, ema=ema,
             ema_decay=ema_decay, seed=seed, device=device, precision=precision, channels_last=channels_last,
             compile=compile,
+            auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, mixup=mixup,
+            cutmix=cutmix, mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob, mixup_mode=mixup_mode,
         ),
     )
     config.validate()  # every number, before torch is imported or anything is loaded
