@@ -9,6 +9,8 @@ Public API (imported lazily, so ``retrofit --help`` does not import torch)::
     save_checkpoint(model, "resnet50-eca.safetensors")     # tensors + JSON recipe
     profile(model).macs                                    # params, MACs, FLOPs, element ops
     model = load_checkpoint("resnet50-eca.safetensors")    # rebuilt without downloads
+    save_adapter(model, "eca-only.safetensors")            # gates only + digest of the base weights
+    model = load_checkpoint("eca-only.safetensors", base="resnet50.safetensors")
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _EXPORTS = {
     "load_checkpoint": "checkpoint",
     "read_recipe": "checkpoint",
     "save_checkpoint": "checkpoint",
+    "save_adapter": "adapter",
     "RetrofitError": "errors",
     "Site": "graph",
     "find_sites": "graph",

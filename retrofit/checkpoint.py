@@ -275,17 +275,23 @@ def _insert_planned(model: nn.Module, recipe: Recipe, sites: list[Site], input_s
     return model.eval()
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, base: Any = None,
+) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its tensors strictly.
 
     Nothing is downloaded: the architecture comes from timm/torchvision with random init, the
-    recipe's blocks are re-inserted at the recorded sites, then every tensor is loaded.
+    recipe's blocks are re-inserted at the recorded sites, then every tensor is loaded. An adapter
+    (:mod:`retrofit.adapter`: gates and maybe the head only) needs ``base``: the base weights it applies
+    to — a weights file, a full retrofit checkpoint, a model or a state dict — loaded first, and
+    refused unless they give the digest the adapter recorded.
 
     Returns: the model, in eval mode, on ``map_location``.
 
     Raises:
         RetrofitError: missing, truncated or edited file; a recipe that does not fit the
-            architecture; keys or shapes that do not match.
+            architecture; keys or shapes that do not match; an adapter without ``base``, or with a
+            base of another architecture or other weights; ``base`` with a full checkpoint.
     """
     from safetensors.torch import load_file
 
@@ -295,17 +301,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         tensors = load_file(str(path), device="cpu")
     except Exception as e:
         raise RetrofitError(f"{path} is truncated or damaged: {e}") from None
+    from .adapter import ADAPTER_KEY
+
     if DIGEST_KEY not in metadata:
         raise RetrofitError(f"{path} has no retrofit digest (not written by retrofit.save_checkpoint); refusing to load it")
-    if metadata[DIGEST_KEY] != tensors_digest(tensors, metadata[RECIPE_KEY]):
+    if metadata[DIGEST_KEY] != tensors_digest(tensors, metadata[RECIPE_KEY] + metadata.get(ADAPTER_KEY, "")):
         raise RetrofitError(f"{path} was modified after it was written (digest mismatch); refusing to load it")
+    adapter = ADAPTER_KEY in metadata
+    if adapter and base is None:
+        raise RetrofitError(f"{path} is an adapter (inserted gates and head only): pass the base weights it applies "
+                            f"to (base=… / --weights FILE; it was made from {recipe.source.get('model')} with weights "
+                            f"{recipe.source.get('weights')!r})")
+    if not adapter and base is not None:
+        raise RetrofitError(f"{path} is a full checkpoint, which holds its own weights; base=/--weights applies to "
+                            "an adapter")
     try:
         model = rebuild(recipe)
     except RetrofitError:
         raise
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise RetrofitError(f"the recipe in {path} does not describe a model retrofit can build: {e}") from None
-    load_state_dict_strict(model, tensors, f"checkpoint {path.name}")
+    if adapter:
+        from .adapter import apply_adapter
+
+        apply_adapter(model, path, metadata[ADAPTER_KEY], tensors, base, dict(recipe.source))
+    else:
+        load_state_dict_strict(model, tensors, f"checkpoint {path.name}")
     finetune = recipe.extra.get("finetune") if isinstance(recipe.extra, dict) else None
     if isinstance(finetune, dict):  # what predict needs to see images as the fine-tuning run did
         model.retrofit_class_names = list(finetune.get("classes") or []) or None
@@ -328,15 +349,19 @@ def load_target(
 ) -> nn.Module:
     """A retrofit checkpoint (``*.safetensors``) or a model name (see :func:`retrofit.load_model`).
 
+    For an adapter (:mod:`retrofit.adapter`), ``weights`` is its base.
+
     ``num_classes`` builds a model name's classifier with that many classes (a checkpoint has its
     own: giving it is a :class:`RetrofitError`).
     """
     if is_checkpoint(target):
-        if weights is not None:
-            raise RetrofitError("--weights applies to a model name, not to a checkpoint")
+        from .adapter import is_adapter
+
+        if weights is not None and not is_adapter(target):
+            raise RetrofitError("--weights applies to a model name or an adapter, not to a full checkpoint")
         if num_classes is not None:
             raise RetrofitError("--num-classes applies to a model name; a checkpoint has its own classifier")
-        return load_checkpoint(target, map_location)
+        return load_checkpoint(target, map_location, base=weights)
     from .models import load_model
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}

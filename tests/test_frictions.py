@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from retrofit.cli import app
 
 COMMANDS = [[], ["add"], ["add-se"], ["add-eca"], ["sites"], ["finetune"], ["predict"], ["compare"],
-            ["report", "params-flops"], ["demo", "weights"], ["demo", "photos"]]
+            ["report", "params-flops"], ["demo", "weights"], ["demo", "photos"], ["save"], ["export"]]
 
 
 def run(*args, **env):

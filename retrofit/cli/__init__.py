@@ -5,6 +5,6 @@ time, so ``retrofit --help`` is instant.
 """
 
 from .app import app, main
-from . import add, demo, predict, report, finetune, evaluate, ablate  # noqa: F401  (each registers its commands)
+from . import add, demo, predict, report, finetune, evaluate, ablate, save, export  # noqa: F401  (each registers its commands)
 
 __all__ = ["app", "main"]

@@ -19,6 +19,9 @@ from .finetune_options import (
     HeadLrMult, Hflip, ImgSize, Include, Init, LabelSmoothing, Lr, MinLr, Momentum, NewLrMult, NoPretrained, Optimizer,
     Precision, Scale, SkipBadImages, ValData, WarmupEpochs, WeightDecay, Weights, Workers, recipe_settings,
 )
+from .finetune_options import (
+    AutoAugment, Cutmix, Mixup, MixupMode, MixupProb, MixupSwitchProb, ReCount, ReMode, ReProb,
+)
 
 GRID_PANEL = "Grid (comma lists; the grid is their product)"
 
@@ -91,6 +94,15 @@ def ablate(
     precision: Precision = "auto",
     channels_last: ChannelsLast = None,
     compile: Compile = False,
+    auto_augment: AutoAugment = None,
+    re_prob: ReProb = 0.0,
+    re_mode: ReMode = "pixel",
+    re_count: ReCount = 1,
+    mixup: Mixup = 0.0,
+    cutmix: Cutmix = 0.0,
+    mixup_prob: MixupProb = 1.0,
+    mixup_switch_prob: MixupSwitchProb = 0.5,
+    mixup_mode: MixupMode = "batch",
 ) -> None:
     """Fine-tune every cell of a grid once per seed under one recipe; write ablation.csv/.json/.md/.png.
 
@@ -116,8 +128,13 @@ def ablate(
             bn_stats=bn_stats,
             freeze_backbone_epochs=freeze_backbone_epochs, accum_steps=accum_steps, clip_grad=clip_grad, ema=ema,
             ema_decay=ema_decay, device=device, precision=precision, channels_last=channels_last, compile=compile,
+            auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, mixup=mixup,
+            cutmix=cutmix, mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob, mixup_mode=mixup_mode,
         ),
     )
+    from ..train.augment import check_auto_augment
+
+    check_auto_augment(auto_augment)  # once, before any run, not as a failure of every run
     from rich.console import Console
 
     console = Console()

@@ -14,7 +14,8 @@ from .app import app, fail, handle_errors, parse_input_size, parse_ints
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="timm name (resnet50, resnet50.a1_in1k), torchvision:NAME or hf-hub:ORG/NAME.")]
 WeightsOpt = Annotated[
     Optional[Path],
-    typer.Option("--weights", help="Local weights: .safetensors, or .pth/.pt/.bin (read with weights_only=True)."),
+    typer.Option("--weights", help="Local weights: .safetensors, or .pth/.pt/.bin (read with weights_only=True); "
+                 "for an adapter checkpoint, the base weights it applies to."),
 ]
 NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random init: architecture-only work.")]
 PlacementOpt = Annotated[
@@ -158,13 +159,15 @@ def run_add(
 
 def check_weight_flags(target: str, weights: Optional[Path], no_pretrained: bool, flag: str = "--weights",
                        name: str = "TARGET") -> None:
-    """One-line errors for weight options that cannot apply to ``target`` (a checkpoint holds its own)."""
+    """One-line errors for weight options that cannot apply to ``target`` (a full checkpoint holds its own;
+    an adapter's ``--weights`` is its base)."""
+    from ..adapter import is_adapter
     from ..checkpoint import is_checkpoint
 
     if weights is not None and no_pretrained:
         fail(f"{flag} and --no-pretrained exclude each other")
-    if is_checkpoint(target) and weights is not None:
-        fail(f"{flag} applies to {name} when it is a model name; {target} is a checkpoint")
+    if is_checkpoint(target) and weights is not None and not is_adapter(target):
+        fail(f"{flag} applies to {name} when it is a model name or an adapter (its base); {target} is a full checkpoint")
     if is_checkpoint(target) and no_pretrained:
         fail(f"--no-pretrained applies to a model name; {target} is a checkpoint, which holds its own weights")
 

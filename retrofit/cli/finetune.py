@@ -25,6 +25,9 @@ from .finetune_options import (
     NewLrMult, NoPretrained, Optimizer, Precision, Scale, Seed, SkipBadImages, ValData, WarmupEpochs, WeightDecay,
     Weights, Workers, in_panel, recipe_settings,
 )
+from .finetune_options import (
+    AutoAugment, Cutmix, Mixup, MixupMode, MixupProb, MixupSwitchProb, ReCount, ReMode, ReProb, Train,
+)
 
 # the insertion options shared with `add` that ablate turns into axes, shown in this command's insertion panel
 Placement, Reduction, Kernel, Stages, Replace = (
@@ -98,6 +101,16 @@ def finetune(
     until_epoch: Annotated[Optional[int], typer.Option(
         "--until-epoch", rich_help_panel=OUTPUT_PANEL, help="Stop after this epoch (the schedule still spans --epochs); continue later with --resume.")] = None,
     as_json: Json = False,
+    train: Train = "full",
+    auto_augment: AutoAugment = None,
+    re_prob: ReProb = 0.0,
+    re_mode: ReMode = "pixel",
+    re_count: ReCount = 1,
+    mixup: Mixup = 0.0,
+    cutmix: Cutmix = 0.0,
+    mixup_prob: MixupProb = 1.0,
+    mixup_switch_prob: MixupSwitchProb = 0.5,
+    mixup_mode: MixupMode = "batch",
 ) -> None:
     """Fine-tune SOURCE on an image dataset; write last/best checkpoints, metrics.csv and curves.png."""
     insertion = {"--placement": placement != "standard", "--init": init != "identity", "--reduction": reduction != 16,
@@ -116,7 +129,7 @@ def finetune(
         placement=placement, reduction=reduction,
         kernel_size=kernels[0] if kernels and len(kernels) == 1 else kernels,
         stages=parse_ints(stages, "--stages"), replace_existing=replace_existing, until_epoch=until_epoch,
-        resume=resume, overwrite=overwrite,
+        resume=resume, overwrite=overwrite, train=train,
         **recipe_settings(
             val_data=val_data, weights=weights, no_pretrained=no_pretrained, dataset_root=dataset_root, scale=scale,
             workers=workers, init=init, groups=groups, include=list(include) if include else None,
@@ -129,6 +142,8 @@ def finetune(
             freeze_backbone_epochs=freeze_backbone_epochs, accum_steps=accum_steps, clip_grad=clip_grad, ema=ema,
             ema_decay=ema_decay, seed=seed, device=device, precision=precision, channels_last=channels_last,
             compile=compile,
+            auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, mixup=mixup,
+            cutmix=cutmix, mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob, mixup_mode=mixup_mode,
         ),
     )
     config.validate()  # every number, before torch is imported or anything is loaded

@@ -82,6 +82,26 @@ ChannelsLast = Annotated[Optional[bool], typer.Option(
     "--channels-last/--no-channels-last", rich_help_panel=DEVICE_PANEL, help="Memory format (default: channels_last on CUDA).")]
 Compile = Annotated[bool, typer.Option("--compile", rich_help_panel=DEVICE_PANEL, help="Wrap the model in torch.compile.")]
 
+# issue 20: what trains
+Train = Annotated[str, typer.Option(
+    "--train", rich_help_panel=RECIPE_PANEL, help="full (every weight); blocks (the inserted blocks and the head, backbone "
+    "and BatchNorm statistics frozen); head (the head alone). blocks and head also write best.adapter.safetensors.")]
+
+
+# issue 20: timm's augmentations (timm.data.create_transform, timm.data.Mixup), all off unless asked
+AUGMENT_PANEL = "Augmentation (timm's; off unless asked)"
+AutoAugment = Annotated[Optional[str], typer.Option(
+    "--auto-augment", rich_help_panel=AUGMENT_PANEL, help="timm RandAugment / AutoAugment / AugMix string, e.g. "
+    "rand-m9-mstd0.5-inc1, original, augmix-m5-w4-d2 (replaces --color-jitter).")]
+ReProb = Annotated[float, typer.Option("--re-prob", rich_help_panel=AUGMENT_PANEL, help="Random-erasing probability per image (0 = off).")]
+ReMode = Annotated[str, typer.Option("--re-mode", rich_help_panel=AUGMENT_PANEL, help="Random-erasing fill: pixel (per-pixel noise), rand (per-channel), const (zeros).")]
+ReCount = Annotated[int, typer.Option("--re-count", rich_help_panel=AUGMENT_PANEL, help="Random-erasing boxes per image (at most).")]
+Mixup = Annotated[float, typer.Option("--mixup", rich_help_panel=AUGMENT_PANEL, help="Mixup alpha (0 = off); with --mixup/--cutmix the loss is soft-target cross-entropy.")]
+Cutmix = Annotated[float, typer.Option("--cutmix", rich_help_panel=AUGMENT_PANEL, help="CutMix alpha (0 = off).")]
+MixupProb = Annotated[float, typer.Option("--mixup-prob", rich_help_panel=AUGMENT_PANEL, help="Probability that a batch is mixed.")]
+MixupSwitchProb = Annotated[float, typer.Option("--mixup-switch-prob", rich_help_panel=AUGMENT_PANEL, help="With both on: probability of CutMix instead of Mixup.")]
+MixupMode = Annotated[str, typer.Option("--mixup-mode", rich_help_panel=AUGMENT_PANEL, help="batch (one draw per batch), pair or elem.")]
+
 
 def parse_floats(text: str, what: str, count: int) -> list[float]:
     """``"0.5,1"`` → ``[0.5, 1.0]``; a one-line error unless exactly ``count`` numbers."""

@@ -26,6 +26,11 @@ BN_STATS = ("train", "frozen")
 BLOCK_LR_MULT = 1.0
 #: Default warm-up of the inserted blocks' learning rate, in epochs (``--block-warmup-epochs``).
 BLOCK_WARMUP_EPOCHS = 0.0
+#: ``--train``: every weight; the inserted blocks and the head; the head alone.
+TRAIN_MODES = ("full", "blocks", "head")
+#: timm's random-erasing fill modes and mixup modes.
+RE_MODES = ("const", "rand", "pixel")
+MIXUP_MODES = ("batch", "pair", "elem")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -68,6 +73,18 @@ class FinetuneConfig:
         (``train``: BatchNorm updates its running statistics; ``frozen``: keeps the pretrained ones
         for the whole run), freeze_backbone_epochs, accum_steps, clip_grad (max global L2 norm; None = off), ema,
         ema_decay, seed.
+    What trains (issue 20):
+        train: ``full`` (every weight), ``blocks`` (the inserted blocks and the head; backbone and
+            BatchNorm statistics frozen every epoch) or ``head`` (the head alone). ``blocks`` and
+            ``head`` also write ``best.adapter.safetensors`` (:mod:`retrofit.adapter`).
+    timm's augmentations (issue 20; all off by default; :mod:`retrofit.train.augment`):
+        auto_augment: a timm RandAugment / AutoAugment / AugMix string (``rand-m9-mstd0.5-inc1``; None = off).
+        re_prob, re_mode, re_count: random erasing probability (0 = off), fill (``const``, ``rand``,
+            ``pixel``) and count of erased boxes per image.
+        mixup, cutmix: Beta(α, α) of mixup and of cutmix (0 = off); mixup_prob: chance a batch is mixed;
+            mixup_switch_prob: chance of cutmix instead of mixup when both are on; mixup_mode: ``batch``
+            (one λ per batch), ``pair``, ``elem``. With either on, the loss is soft-target cross-entropy
+            and ``label_smoothing`` goes into the mixed targets.
     Runtime:
         device, precision (``auto`` = bf16 autocast on CUDA, fp32 on CPU), channels_last
         (None = on for CUDA), compile (torch.compile), until_epoch (stop after this epoch; the
@@ -124,6 +141,18 @@ class FinetuneConfig:
     until_epoch: int | None = None
     resume: bool = False
     overwrite: bool = False
+    # issue 20: what trains
+    train: str = "full"
+    # issue 20: timm's augmentations, all off by default
+    auto_augment: str | None = None
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_count: int = 1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
 
     def validate(self) -> None:
         """Raise :class:`RetrofitError` (one line) for any value out of range (:mod:`retrofit.limits`).
@@ -175,6 +204,23 @@ class FinetuneConfig:
             (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and 2**63 - 1, got {self.seed}"),
             (not (str(self.source).endswith(".safetensors") and not self.pretrained),
              "--no-pretrained applies to a model name; a checkpoint holds its own weights"),
+            # issue 20
+            (self.train in TRAIN_MODES, f"unknown --train {self.train!r}; choose one of: {', '.join(TRAIN_MODES)}"),
+            (self.train == "full" or not self.freeze_backbone_epochs,
+             f"--freeze-backbone-epochs applies with --train full; --train {self.train} freezes the backbone every epoch"),
+            (_finite(self.re_prob) and 0 <= self.re_prob <= 1, f"--re-prob must be a probability, got {self.re_prob}"),
+            (self.re_mode in RE_MODES, f"unknown --re-mode {self.re_mode!r}; choose one of: {', '.join(RE_MODES)}"),
+            (1 <= self.re_count <= 16, f"--re-count must be between 1 and 16, got {self.re_count}"),
+            (_finite(self.mixup) and self.mixup >= 0, f"--mixup must be ≥ 0 (0 = off), got {self.mixup}"),
+            (_finite(self.cutmix) and self.cutmix >= 0, f"--cutmix must be ≥ 0 (0 = off), got {self.cutmix}"),
+            (_finite(self.mixup_prob) and 0 <= self.mixup_prob <= 1,
+             f"--mixup-prob must be a probability, got {self.mixup_prob}"),
+            (_finite(self.mixup_switch_prob) and 0 <= self.mixup_switch_prob <= 1,
+             f"--mixup-switch-prob must be a probability, got {self.mixup_switch_prob}"),
+            (self.mixup_mode in MIXUP_MODES,
+             f"unknown --mixup-mode {self.mixup_mode!r}; choose one of: {', '.join(MIXUP_MODES)}"),
+            (not ((self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2),
+             f"--mixup/--cutmix pair each image with another of its batch: --batch-size must be even, got {self.batch_size}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -241,7 +287,10 @@ RESUME_FIELDS = (
     "source", "data", "val_data", "block", "placement", "init", "reduction", "kernel_size", "groups", "include",
     "exclude", "stages", "replace_existing", "weights", "pretrained", "img_size", "hflip", "scale", "color_jitter",
     "epochs", "batch_size", "optimizer", "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum", "label_smoothing",
-    "head_lr_mult", "block_lr_mult", "block_warmup_epochs", "bn_stats", "freeze_backbone_epochs", "accum_steps", "clip_grad", "ema", "ema_decay", "seed", "precision",
+    "head_lr_mult", "block_lr_mult", "block_warmup_epochs", "bn_stats", "freeze_backbone_epochs", "accum_steps",
+    "clip_grad", "ema", "ema_decay", "seed", "precision",
+    "train", "auto_augment", "re_prob", "re_mode", "re_count", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
+    "mixup_mode",  # issue 20
 )
 
 

@@ -104,17 +104,22 @@ def data_config(model: torch.nn.Module, img_size: int | None) -> dict[str, Any]:
     return dict(resolve_data_config(args, model=model))
 
 
-def transforms(config: dict[str, Any], *, hflip: float, scale: Sequence[float], color_jitter: float) -> tuple[Callable, Callable]:
+def transforms(config: dict[str, Any], *, hflip: float, scale: Sequence[float], color_jitter: float,
+               auto_augment: str | None = None, re_prob: float = 0.0, re_mode: str = "pixel",
+               re_count: int = 1) -> tuple[Callable, Callable]:
     """``(train_transform, eval_transform)`` from timm's ``create_transform`` for a data config.
 
     Train: random-resized crop with ``scale``, horizontal flip with probability ``hflip``,
-    colour jitter ``color_jitter``; eval: resize to ``size / crop_pct`` then centre crop.
+    colour jitter ``color_jitter`` (timm drops it under ``auto_augment``, which has its own colour
+    operations), timm's ``auto_augment`` string, random erasing (``re_prob``, ``re_mode``,
+    ``re_count``, after normalisation); eval: resize to ``size / crop_pct`` then centre crop.
     Both map a PIL RGB image to a normalised ``(3, H, W)`` float tensor.
     """
     from timm.data import create_transform
 
     common = {k: _tuple(config[k]) for k in ("input_size", "interpolation", "mean", "std")}
-    train = create_transform(**common, is_training=True, hflip=hflip, scale=tuple(scale), color_jitter=color_jitter)
+    train = create_transform(**common, is_training=True, hflip=hflip, scale=tuple(scale), color_jitter=color_jitter,
+                             auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count)
     return train, eval_transform(config)
 
 

@@ -40,8 +40,11 @@ from ..errors import RetrofitError
 from ..interrupts import deferred
 from . import distributed, report
 from .config import FinetuneConfig
+from .augment import make_criterion, make_mixup, mix
 from .diagnostics import parameter_drift, parameter_snapshot, recording_gates
-from .model import freeze_batchnorm_stats, gate_parameter_names, new_parameter_names, set_backbone_frozen
+from .model import (
+    freeze_batchnorm_stats, freeze_gates, gate_parameter_names, new_parameter_names, num_classes, set_backbone_frozen,
+)
 from .optim import apply_block_warmup, block_warmup_updates, make_ema, make_optimizer, make_scheduler
 from .outputs import write_epoch_files, write_state
 from .run_folder import RunFolder
@@ -117,7 +120,8 @@ class Trainer:
 
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.updates_per_epoch)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.criterion = make_criterion(cfg)
+        self.mixup = make_mixup(cfg, num_classes(model))
         self.ema = make_ema(model, cfg)
         self.block_warmup = block_warmup_updates(cfg, self.updates_per_epoch)
         #: (epoch, parameters) that drift.csv measures from: the run's start, or the epoch a resume began at
@@ -163,6 +167,8 @@ class Trainer:
             return
         self.frozen = frozen
         set_backbone_frozen(self.model, frozen)
+        if self.config.train == "head":
+            freeze_gates(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         wrapped: nn.Module = self.model
         if self.d.distributed:
@@ -228,11 +234,15 @@ class Trainer:
             group_start = (i // accum) * accum
             group_size = min(accum, n_batches - group_start)
             last_micro = i + 1 == group_start + group_size
+            if images is not None and self.mixup is not None and images.shape[0] < 2:
+                images = None  # mixup pairs images: one left alone by skipped unreadable ones is not trained on
             if images is None:
                 if d.distributed:
                     raise RetrofitError(f"every image of a batch on rank {d.rank} was unreadable; remove the bad images")
             else:
                 images, labels = self._to_device(images, labels)
+                if self.mixup is not None:
+                    images, labels = mix(self.mixup, images, labels)
                 sync = contextlib.nullcontext()
                 if d.distributed and not last_micro and hasattr(self.forward_model, "no_sync"):
                     sync = self.forward_model.no_sync()
@@ -325,10 +335,12 @@ class Trainer:
         """Train and evaluate one epoch, then (rank 0) write the trainer state first and the other files after it."""
         cfg, d = self.config, self.d
         epoch = self.epoch
-        self.enter_phase(epoch < cfg.freeze_backbone_epochs)
+        frozen = epoch < cfg.freeze_backbone_epochs or cfg.train != "full"
+        self.enter_phase(frozen)
         self.train_sampler.set_epoch(epoch)
         train = self.train_one_epoch(epoch, self.train_loader, progress)
-        distributed.average_batchnorm_stats(d, self.model, *([self.ema.module] if self.ema is not None else []))
+        if not frozen and cfg.bn_stats != "frozen":  # frozen statistics are the same on every rank; a mean of 3 copies may round
+            distributed.average_batchnorm_stats(d, self.model, *([self.ema.module] if self.ema is not None else []))
         with recording_gates(self.model) as gates:
             val = self.evaluate(self.model)
         ema_val = self.evaluate(self.ema.module) if self.ema is not None else None

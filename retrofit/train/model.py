@@ -222,3 +222,9 @@ def describe_source(config: FinetuneConfig) -> str:
     if config.block:
         what += f" + {config.block} ({config.placement}, {config.init} init)"
     return what
+
+
+def freeze_gates(model: nn.Module) -> None:
+    """``--train head``: the inserted blocks keep their weights (``requires_grad=False``); the head alone trains."""
+    for name in gate_parameter_names(model):
+        model.get_parameter(name).requires_grad_(False)

@@ -43,7 +43,8 @@ def write_state(t: Trainer, rng: list[dict[str, Any]]) -> None:
 
 
 def write_epoch_files(t: Trainer) -> None:
-    """``last`` (and ``ema``), ``best`` when the trainer's last epoch is the best, ``metrics.csv``, ``curves.png``.
+    """``last`` (and ``ema``), ``best`` (and with ``--train blocks|head`` ``best.adapter``) when the trainer's last
+    epoch is the best, ``metrics.csv``, ``curves.png``.
 
     Everything comes from the in-memory state of the last completed epoch, so a resumed run
     calls this once first: a kill between the trainer state and these files loses nothing.
@@ -65,6 +66,11 @@ def write_epoch_files(t: Trainer) -> None:
         module = t.ema.module if weights == "ema" and t.ema is not None else t.model
         metrics = ema_val if weights == "ema" and ema_val is not None else val
         save_checkpoint(module, t.out / BEST, extra=checkpoint_extra(t, t.epoch, weights, metrics))
+        if t.config.train != "full":  # the backbone is the base's: the gates and head are what the run made
+            from ..adapter import save_adapter
+            from .run_folder import BEST_ADAPTER
+
+            save_adapter(module, t.out / BEST_ADAPTER, head=True, extra=checkpoint_extra(t, t.epoch, weights, metrics))
     write_metrics_csv(t.out / "metrics.csv", t.history)
     write_diagnostics_csv(t.out, t.history)
     write_curves(t.out / "curves.png", t.history, describe_source(t.config))

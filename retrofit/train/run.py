@@ -60,6 +60,9 @@ def finetune(config: FinetuneConfig, console: Any = None) -> FinetuneResult:
         KeyboardInterrupt: interrupted; its message says which epoch is saved.
     """
     config.validate()
+    from .augment import check_auto_augment
+
+    check_auto_augment(config.auto_augment)  # timm judges the string, before the output folder is touched
     config = absolute_paths(config)
     d = distributed.setup(config.device)
     trainer = None

@@ -30,8 +30,10 @@ from .config import FinetuneConfig
 from .state import STATE_FILE
 
 LAST, BEST, EMA = "last.safetensors", "best.safetensors", "ema.safetensors"
+#: ``--train blocks|head``: the best weights as an adapter (gates and head only, :mod:`retrofit.adapter`).
+BEST_ADAPTER = "best.adapter.safetensors"
 RUN_FILES = (LAST, BEST, EMA, STATE_FILE, "metrics.csv", "gates.csv", "drift.csv", "curves.png", "config.json",
-             "summary.json")
+             "summary.json", BEST_ADAPTER)
 #: Where --overwrite keeps the run it replaces until the new run's first epoch is saved
 #: (``MOVING`` while the files are being moved there).
 REPLACED = ".replaced"

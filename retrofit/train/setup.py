@@ -103,7 +103,9 @@ def set_up(config: FinetuneConfig, d: distributed.Dist, out: Path) -> RunInputs:
     check_block_settings(model, cfg)
 
     config_of_data = data_config(model, cfg.img_size)
-    train_tf, eval_tf = transforms(config_of_data, hflip=cfg.hflip, scale=cfg.scale, color_jitter=cfg.color_jitter)
+    train_tf, eval_tf = transforms(config_of_data, hflip=cfg.hflip, scale=cfg.scale, color_jitter=cfg.color_jitter,
+                                   auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, re_mode=cfg.re_mode,
+                                   re_count=cfg.re_count)
     # with --download, rank 0 fetches first and the other ranks open what it wrote
     first = cfg.download and d.distributed
     if d.is_main or not first:
