@@ -224,3 +224,21 @@ def test_write_faces_is_a_stratified_deterministic_split(tmp_path):
 
     image = Image.open(next((tmp_path / "a" / "val" / "face").glob("*.png")))
     assert (image.size, image.mode) == ((25, 25), "L")
+
+
+def test_the_noise_cell_is_the_base_again_with_a_perturbed_learning_rate(tmp_path):
+    grid = Grid(blocks=("none", "noise", "eca"), train=("full", "blocks"), seeds=(3,))
+    grid.validate()
+    assert [c.id for c in grid.cells()] == ["none_full", "none_head", "noise_full", "noise_head",
+                                           "eca_standard_stages-all_k-adaptive_full",
+                                           "eca_standard_stages-all_k-adaptive_blocks"]
+    template = FinetuneConfig("resnet18", data=str(tmp_path), output=str(tmp_path / "out"), lr=2e-3, epochs=4,
+                              block_lr_mult=0.5)
+    configs = {r.cell.id: (run_config(template, r), r.cell.base().id) for r in grid.runs()}
+    noise, base = configs["noise_full"]
+    assert (noise.block, noise.block_lr_mult, noise.seed, base) == (None, None, 3, "none_full")
+    assert noise.lr == pytest.approx(2e-3 * (1 + 1e-5), rel=1e-12) and noise.lr != 2e-3
+    assert noise.output == str(tmp_path / "out" / "noise_full" / "seed-3")
+    frozen, base = configs["noise_head"]
+    assert (frozen.freeze_backbone_epochs, base) == (4, "none_head")
+    assert configs["none_full"][0].lr == 2e-3

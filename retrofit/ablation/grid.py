@@ -6,7 +6,8 @@ train modes); each cell is trained once per seed, as one ``retrofit finetune`` r
 compared, so a cell that makes no sense on some axis (``none`` × ``--placements pre``, ``eca`` ×
 ``--reductions 8``) is one cell, run once:
 
-* ``none``: no placement, stages, reduction or kernel size.
+* ``none``: no placement, stages, reduction or kernel size; ``noise`` (the base again with its learning rate
+  × (1 + 1e-5), the recipe's run-to-run noise) likewise.
 * a reduction only for blocks that take one (SE), a kernel size only for ECA.
 * ``--train blocks`` (train only the inserted blocks and the head; backbone and BatchNorm
   statistics frozen: finetune's frozen phase for every epoch) of ``none`` trains the head alone:
@@ -27,6 +28,11 @@ from dataclasses import dataclass, field
 from ..errors import RetrofitError
 
 NONE = "none"
+#: The noise control: the base model again, its learning rate changed by :data:`NOISE_LR_FACTOR` — no
+#: difference anyone would call another recipe. Its paired difference to the base is the run-to-run noise
+#: of the recipe: a block whose difference is no larger than it is not distinguishable from that noise.
+NOISE = "noise"
+NOISE_LR_FACTOR = 1 + 1e-5
 TRAIN_MODES = ("full", "blocks", "head")
 ADAPTIVE = "adaptive"
 #: The axes in the order cells are enumerated, with their command-line option.
@@ -64,10 +70,20 @@ class Cell:
         return self.block == NONE
 
     @property
+    def is_noise(self) -> bool:
+        """The noise control (:data:`NOISE`): the base model, trained again with a perturbed learning rate."""
+        return self.block == NOISE
+
+    @property
+    def inserts(self) -> bool:
+        """Whether the cell's runs insert a block (not the base, not the noise control)."""
+        return self.block not in (NONE, NOISE)
+
+    @property
     def id(self) -> str:
         """Folder name, e.g. ``none_full``, ``eca_standard_stages-all_k-adaptive_full``, ``se_pre_stages-3+4_r-16_blocks``."""
-        if self.is_base:
-            return f"{NONE}_{self.train}"
+        if not self.inserts:
+            return f"{self.block}_{self.train}"
         parts = [self.block, str(self.placement), "stages-" + stages_text(self.stages, "+")]
         if self.reduction is not None:
             parts.append(f"r-{self.reduction}")
@@ -82,7 +98,7 @@ class Cell:
     def axes(self) -> dict[str, str]:
         """The cell as ``ablation.csv`` columns (empty where an axis does not apply)."""
         return {"block": self.block, "placement": self.placement or "",
-                "stages": "" if self.is_base else stages_text(self.stages, ","),
+                "stages": stages_text(self.stages, ",") if self.inserts else "",
                 "reduction": "" if self.reduction is None else str(self.reduction),
                 "kernel_size": "" if self.kernel_size is None else str(self.kernel_size), "train": self.train}
 
@@ -94,8 +110,8 @@ def stages_text(stages: tuple[int, ...] | None, sep: str) -> str:
 def canonical(block: str, placement: str | None, stages: tuple[int, ...] | None, reduction: int | None,
               kernel_size: int | str | None, train: str, init: str) -> Cell:
     """The cell that runs this combination (see the module docstring)."""
-    if block == NONE:
-        return Cell(NONE, train="head" if train == "blocks" else train)
+    if block in (NONE, NOISE):
+        return Cell(block, train="head" if train == "blocks" else train)
     from ..blocks import block_class
 
     options = block_class(block).OPTIONS
@@ -162,7 +178,7 @@ class Grid:
         from ..blocks import BLOCKS
         from ..surgery import PLACEMENTS
 
-        options = {"blocks": (NONE, *BLOCKS), "placements": PLACEMENTS, "train": TRAIN_MODES}
+        options = {"blocks": (NONE, NOISE, *BLOCKS), "placements": PLACEMENTS, "train": TRAIN_MODES}
         for axis, flag in AXES.items():
             values = getattr(self, axis)
             if not values:

@@ -75,7 +75,9 @@ def markdown(header: dict[str, Any], grid: Grid, results: list[RunResult], summa
         "points, with a 95 % Student-t interval (n − 1 degrees of freedom; none with one seed). McNemar: exact "
         "two-sided binomial test on the validation images that only the base (b) or only the cell (c) gets right, "
         "pooled over those seeds. Verdict: *better* / *worse* when the interval lies above / below 0 **and** "
-        "McNemar's p < 0.05 (with one seed: p alone), otherwise *not distinguishable*. MACs: one forward pass of "
+        "McNemar's p < 0.05 (with one seed: p alone), otherwise *not distinguishable*. A *noise* row is the base "
+        "trained again with its learning rate × (1 + 1e-5): its difference to the base is what this recipe does "
+        "by chance, and a block whose difference is no larger is not distinguishable from that noise. MACs: one forward pass of "
         "one image at the run's input size.", ""]
     return "\n".join(lines)
 

@@ -41,11 +41,11 @@ def run_config(template: FinetuneConfig, run: Run) -> FinetuneConfig:
     depend only on what applies to it.
     """
     from ..blocks import block_class
-    from .grid import has_parameters
+    from .grid import NOISE_LR_FACTOR, has_parameters
 
     cell = run.cell
     defaults = FinetuneConfig(source="", data="", output="")
-    block = None if cell.is_base else cell.block
+    block = cell.block if cell.inserts else None
     options = block_class(block).OPTIONS if block else ()
     frozen = cell.train in ("blocks", "head")
     trains_blocks = block is not None and has_parameters(block)
@@ -60,6 +60,7 @@ def run_config(template: FinetuneConfig, run: Run) -> FinetuneConfig:
         groups=template.groups if "groups" in options else None,
         include=template.include if block else None, exclude=template.exclude if block else None,
         freeze_backbone_epochs=template.epochs if frozen else template.freeze_backbone_epochs,
+        lr=template.lr * NOISE_LR_FACTOR if cell.is_noise else template.lr,
         block_lr_mult=template.block_lr_mult if trains_blocks else None,
         block_warmup_epochs=template.block_warmup_epochs if trains_blocks else None,
         resume=False, overwrite=False, until_epoch=None,

@@ -30,7 +30,8 @@ def _axis(flag: str, text: str) -> object:
     return Annotated[Optional[str], typer.Option(flag, rich_help_panel=GRID_PANEL, help=text)]
 
 
-Blocks = _axis("--blocks", "none (the base model under the same recipe), eca, se, se-var1, se-var2, se-var3, se-gc. "
+Blocks = _axis("--blocks", "none (the base model under the same recipe), noise (the base again, lr × (1 + 1e-5): the "
+                           "recipe's run-to-run noise), eca, se, se-var1, se-var2, se-var3, se-gc. "
                            "Default: none,eca,se.")
 Placements = _axis("--placements", "standard, pre, post, identity. Default: standard.")
 StagesAxis = _axis("--stages", "Stage sets separated by ';', each 'all' or stage numbers: all;3,4;4. Default: all.")
