@@ -1,11 +1,24 @@
-"""Shared fixtures: the real EfficientNet-Lite0 weights and photos, written once per session."""
+"""Shared fixtures: the real EfficientNet-Lite0 weights and photos, written once per session (per xdist worker).
+
+The suite runs in two pytest-xdist workers (``-n 2 --dist loadfile`` in pyproject.toml): each file stays in one
+worker, so a module-scoped fixture is built once. Each worker, and every process a test starts, uses one CPU
+thread: on a 2-core machine two workers with two OpenMP threads each wait on each other (Lite0 trained about
+4x slower, docs/benchmarks.md), and one thread gives the subprocesses the floating-point sums of the tests' own
+runs (resume and shard tests compare them exactly).
+"""
 
 from __future__ import annotations
 
-import signal
+import os
 
-import pytest
-import torch
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported here, and for every subprocess a test starts
+
+import signal  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture

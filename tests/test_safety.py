@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -31,14 +30,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 #: resnet18 from random init on 32-px digits: 5 batches an epoch, about a second on one thread.
 TINY = ["resnet18", "--no-pretrained", "--img-size", "32", "-b", "20", "--workers", "0", "--hflip", "0",
         "--scale", "0.5,1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): the same floating-point sums
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(*args):
