@@ -73,3 +73,34 @@ def small_digits(digits, tmp_path_factory):
             for f in sorted(cls.iterdir())[:n]:
                 shutil.copy(f, root / split / cls.name / f.name)
     return root
+
+
+@pytest.fixture
+def console_script(monkeypatch, capsys):
+    """``console_script(*args)`` runs ``retrofit ARGS…`` in this process through the console script's own entry
+    point (:func:`retrofit.cli.main`: usage errors, ``--debug`` after the command, exit codes) and returns what
+    :func:`subprocess.run` would: ``.returncode``, ``.stdout``, ``.stderr``. A new process costs an import of torch
+    and timm (seconds); keep real subprocesses for what only a process shows: signals, locks, imports, the
+    installed ``retrofit`` script. An exception that would end the process with a traceback propagates."""
+    import subprocess
+    import sys
+
+    from retrofit.cli import main
+
+    def exit_now(code: int) -> None:  # main() ends a stopped command with os._exit: here it must not end pytest
+        raise SystemExit(code)
+
+    def call(*args) -> subprocess.CompletedProcess:
+        argv = ["retrofit", *map(str, args)]
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(os, "_exit", exit_now)
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    return call
