@@ -20,6 +20,16 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+#: Files that take minutes, longest first (pytest --durations). With --dist loadfile the workers take files in
+#: collection order: these start first, so none of them is left running alone at the end of the suite.
+LONGEST_FIRST = ("test_gpu_check.py", "test_finetune.py", "test_ablate.py", "test_coverage_sample.py",
+                 "test_safety.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
+
 
 @pytest.fixture
 def ctrl_c_raises():
