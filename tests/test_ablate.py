@@ -35,14 +35,6 @@ TIMING = ("seconds", "images_per_s")
 CELLS = ["none_full", "eca_standard_stages-all_k-adaptive_full", "se_standard_stages-all_r-16_full"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 

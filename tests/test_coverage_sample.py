@@ -29,17 +29,6 @@ def _load_sweep():
 sweep = _load_sweep()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread, as in the sweep: small models at 64×64 gain nothing from more, and on a busy
-    machine extra threads wait on each other (several times slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 NO_SITE = "no residual site found in {}: it has no addition of a residual branch and a shortcut"
 
 #: (zoo, model, status, kind, sites or the start of the refusal).

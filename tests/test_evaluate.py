@@ -22,14 +22,6 @@ from retrofit.errors import RetrofitError
 from retrofit.stats import BETTER, SAME, WORSE, PairedDifference, mcnemar_exact, paired_difference, verdict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -36,16 +36,6 @@ RETROFIT = str(Path(sys.executable).parent / "retrofit")
 DIGIT_AUG = ["--hflip", "0", "--scale", "0.5,1", "--workers", "0", "--img-size", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a CPU shared with other jobs, two OpenMP threads that wait on each other
-    trained Lite0 about 4× slower than one (benchmarks/train.py, docs/benchmarks.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -24,6 +24,11 @@ def resnet50():
     return timm.create_model("resnet50").eval()
 
 
+#: The probe's size where it changes no assertion (channels, parameters, owners, stages): a 64-px probe of
+#: ResNet-50 costs a quarter of the default 224 px (test_sites_command_lists_without_changing probes at 224).
+PROBE = (3, 64, 64)
+
+
 # SE r=16 on timm resnet50. standard/post/identity gate C of the addition (256…2048);
 # pre gates the unit's input (64 at layer1.0, then 256/512/1024 at the first unit of each stage).
 SE_PARAMS = {"standard": 28_088_024, "post": 28_088_024, "identity": 28_088_024, "pre": 27_562_656}  # pre: C=64 at layer1.0 gets 8 hidden units (timm rounding), not 4
@@ -31,7 +36,8 @@ SE_PARAMS = {"standard": 28_088_024, "post": 28_088_024, "identity": 28_088_024,
 
 @pytest.mark.parametrize("placement", sorted(SE_PARAMS))
 def test_se_placements_exact_params_and_identity_outputs(resnet50, placement):
-    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "se", reduction=16, placement=placement)
+    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "se", reduction=16, placement=placement,
+                                          input_size=PROBE)
     assert len(sites) == 16
     assert _count(model) == SE_PARAMS[placement]
     x = torch.randn(2, 3, 64, 64)
@@ -43,7 +49,8 @@ def test_se_placements_exact_params_and_identity_outputs(resnet50, placement):
 
 @pytest.mark.parametrize("placement", ["pre", "post", "identity"])  # standard (fused): tests/test_fused_gate.py
 def test_paper_init_placements_change_outputs_and_train(resnet50, placement):
-    model, _ = retrofit.add_attention(copy.deepcopy(resnet50), "eca", placement=placement, init="paper")
+    model, _ = retrofit.add_attention(copy.deepcopy(resnet50), "eca", placement=placement, init="paper",
+                                      input_size=PROBE)
     x = torch.randn(2, 3, 64, 64)
     model.train()
     model(x).sum().backward()
@@ -52,10 +59,10 @@ def test_paper_init_placements_change_outputs_and_train(resnet50, placement):
 
 
 def test_eca_adaptive_adds_86_and_release_kernels_add_80(resnet50):
-    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca")
+    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", input_size=PROBE)
     assert _count(model) - 25_557_032 == 86
     assert [s.options["kernel_size"] for s in sites] == [5] * 13 + [7] * 3
-    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", kernel_size=[3, 5, 5, 7])
+    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", kernel_size=[3, 5, 5, 7], input_size=PROBE)
     assert _count(model) - 25_557_032 == 80
     assert retrofit.eca_kernel_size(128) == 5
     assert [retrofit.eca_kernel_size(c) for c in (64, 128, 256, 512, 1024, 2048)] == [3, 5, 5, 5, 5, 7]
@@ -63,7 +70,7 @@ def test_eca_adaptive_adds_86_and_release_kernels_add_80(resnet50):
 
 def test_kernel_list_must_match_stage_count(resnet50):
     with pytest.raises(RetrofitError, match="3 kernel sizes given for 4 stage"):
-        retrofit.add_attention(copy.deepcopy(resnet50), "eca", kernel_size=[3, 5, 7])
+        retrofit.add_attention(copy.deepcopy(resnet50), "eca", kernel_size=[3, 5, 7], input_size=PROBE)
 
 
 def test_stages_refused_when_the_probe_collapses_maps_to_one_pixel(resnet50):
@@ -98,7 +105,7 @@ def test_variant_parameter_counts_and_backward(resnet50):
     x = torch.randn(2, 3, 64, 64)
     for block, added in expected.items():
         init = "paper" if block == "se-var1" else "identity"
-        model, sites = retrofit.add_attention(copy.deepcopy(resnet50), block, init=init)
+        model, sites = retrofit.add_attention(copy.deepcopy(resnet50), block, init=init, input_size=PROBE)
         assert _count(model) - 25_557_032 == added, block
         model.train()
         out = model(x)
@@ -109,25 +116,26 @@ def test_variant_parameter_counts_and_backward(resnet50):
 
 def test_se_var1_cannot_start_as_identity(resnet50):
     with pytest.raises(RetrofitError, match="cannot start as an identity gate"):
-        retrofit.add_attention(copy.deepcopy(resnet50), "se-var1")
+        retrofit.add_attention(copy.deepcopy(resnet50), "se-var1", input_size=PROBE)
 
 
 def test_se_gc_groups_divide_each_sites_channels(resnet50):
-    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "se-gc", groups=64)
+    model, sites = retrofit.add_attention(copy.deepcopy(resnet50), "se-gc", groups=64, input_size=PROBE)
     assert _count(model) - 25_557_032 == 20_119_552 // 64
     assert sites[0].options == {"groups": 64}
-    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "se-gc", groups=3)
+    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "se-gc", groups=3, input_size=PROBE)
     assert {s.options["groups"] for s in sites} == {2}  # every C is a power of two: 2 is the largest divisor ≤ 3
 
 
 def test_include_layer4_gives_three_sites(resnet50):
-    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", include=["layer4.*"])
+    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", include=["layer4.*"], input_size=PROBE)
     assert [s.owner for s in sites] == ["layer4.0", "layer4.1", "layer4.2"]
-    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", include=[r"re:layer[34]\.0"])
+    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", include=[r"re:layer[34]\.0"], input_size=PROBE)
     assert [s.owner for s in sites] == ["layer3.0", "layer4.0"]
-    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", exclude=["layer1.*", "layer2.*"], stages=[4])
+    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", exclude=["layer1.*", "layer2.*"], stages=[4],
+                                      input_size=PROBE)
     assert [s.owner for s in sites] == ["layer4.0", "layer4.1", "layer4.2"]
-    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", stages=[3, 4])
+    _, sites = retrofit.add_attention(copy.deepcopy(resnet50), "eca", stages=[3, 4], input_size=PROBE)
     assert len(sites) == 9
 
 

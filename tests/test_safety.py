@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -31,14 +30,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 #: resnet18 from random init on 32-px digits: 5 batches an epoch, about a second on one thread.
 TINY = ["resnet18", "--no-pretrained", "--img-size", "32", "-b", "20", "--workers", "0", "--hflip", "0",
         "--scale", "0.5,1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): the same floating-point sums
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(*args):
@@ -146,7 +137,7 @@ def test_a_stale_temporary_file_is_removed_and_a_live_writers_is_not(tmp_path):
 
 # ------------------------------------------------------------------ 2: SIGTERM and kill -9
 def test_sigterm_during_finetune_saves_the_epoch_and_resume_equals_an_uninterrupted_run(small_digits, tmp_path):
-    common = ["finetune", *TINY, "--data", small_digits, "--epochs", 6, "--seed", 4]
+    common = ["finetune", *TINY, "--data", small_digits, "--epochs", 4, "--seed", 4]
     straight = run(*common, "-o", tmp_path / "straight")
     assert straight.exit_code == 0, straight.output
     out = tmp_path / "stopped"
@@ -165,7 +156,7 @@ def test_sigterm_during_finetune_saves_the_epoch_and_resume_equals_an_uninterrup
     line = one_error_line(stderr)
     epoch = int(line.split("; epoch ")[1].split(" is saved in")[0])
     assert line == f"error: stopped by SIGTERM; epoch {epoch} is saved in {out}; continue with --resume"
-    assert 1 <= epoch < 6
+    assert 1 <= epoch < 4
     with safe_open(str(out / "trainer_state.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["retrofit.trainer_state"])["epoch"] == epoch
     assert hidden_files(out) == [] and hidden_files(tmp_path) == []
@@ -260,17 +251,29 @@ def test_numbers_and_images_are_refused_before_torch_is_imported(args, message, 
 
 @pytest.mark.parametrize("args, message", [a for a in REFUSED if "1e20" not in a[0]])
 def test_numbers_and_images_are_refused_before_any_model_is_built(args, message, monkeypatch, tmp_path):
+    import socket
+
+    import timm
+
     import retrofit.models
 
-    def never(*args, **kwargs):
-        raise AssertionError("a model was built")
+    def never(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(what)
 
-    monkeypatch.setattr(retrofit.models, "build", never)
-    monkeypatch.setattr(retrofit.models, "load_model", never)
+        return fail
+
+    monkeypatch.setattr(retrofit.models, "build", never("a model was built"))
+    monkeypatch.setattr(retrofit.models, "load_model", never("a model was built"))
+    monkeypatch.setattr(timm, "create_model", never("a model was built"))
+    monkeypatch.setattr(socket, "getaddrinfo", never("the network was asked"))
+    monkeypatch.setattr(socket.socket, "connect", never("the network was asked"))
     monkeypatch.chdir(tmp_path)
-    started = time.perf_counter()
+    # CPU time of this thread, not wall time: other processes on a busy machine (or the other test worker)
+    # do not count, and with nothing built and no network asked there is nothing to wait for
+    started = time.thread_time()
     result = run(*args)
-    elapsed = time.perf_counter() - started
+    elapsed = time.thread_time() - started
     assert result.exit_code == 2 and one_error_line(result.stderr).startswith(message), result.output
     assert elapsed < 1.0
 
