@@ -69,7 +69,8 @@ def measure(args, device, precision: str, channels_last: bool) -> dict:
 
     config = FinetuneConfig(source=args.model, data="in-memory", output="-", batch_size=args.batch_size,
                             epochs=1, warmup_epochs=0, lr=1e-4, device=device.type, precision=precision,
-                            channels_last=channels_last, ema=args.ema)
+                            channels_last=channels_last, ema=args.ema,
+                            bn_stats="train")  # the plain loop it is timed against trains BatchNorm statistics
     trainer = Trainer(config, distributed.Dist(0, 1, 0, device))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)

@@ -285,7 +285,8 @@ def test_freeze_backbone_epoch_keeps_pretrained_weights_and_bn_stats(small_digit
     start = load_file(str(source))
     out = tmp_path / "frozen"
     result = run("finetune", source, "--block", "eca", "--data", small_digits, "--epochs", 2,
-                 "--freeze-backbone-epochs", 1, "--until-epoch", 1, "-b", 25, "--lr", 1e-3, *DIGIT_AUG, "-o", out)
+                 "--freeze-backbone-epochs", 1, "--until-epoch", 1, "-b", 25, "--lr", 1e-3, "--bn-stats", "train", *DIGIT_AUG,
+                 "-o", out)
     assert result.exit_code == 0, result.output
     assert "backbone frozen" in result.output
     after = load_file(str(out / "last.safetensors"))
@@ -299,7 +300,8 @@ def test_freeze_backbone_epoch_keeps_pretrained_weights_and_bn_stats(small_digit
     assert not torch.equal(after["classifier.bias"], start["classifier.bias"])
     # the second epoch trains the backbone too
     result = run("finetune", source, "--block", "eca", "--data", small_digits, "--epochs", 2,
-                 "--freeze-backbone-epochs", 1, "-b", 25, "--lr", 1e-3, *DIGIT_AUG, "-o", out, "--resume")
+                 "--freeze-backbone-epochs", 1, "-b", 25, "--lr", 1e-3, "--bn-stats", "train", *DIGIT_AUG, "-o", out,
+                 "--resume")
     assert result.exit_code == 0, result.output
     final = load_file(str(out / "last.safetensors"))
     assert not torch.equal(final["blocks.6.0.conv_pwl.weight"], start["blocks.6.0.conv_pwl.weight"])
@@ -324,8 +326,8 @@ def test_missing_data_folder(tmp_path):
 
 def test_batch_one_with_a_one_pixel_map_names_batch_and_image_size(small_digits, tmp_path):
     # resnet18 shrinks 8×8 to 1×1 before layer4: BatchNorm would see one value per channel
-    result = run("finetune", "resnet18", "--no-pretrained", "--data", small_digits, "-b", 1, "--img-size", 8,
-                 "--epochs", 1, "-o", tmp_path / "o")
+    result = run("finetune", "resnet18", "--no-pretrained", "--bn-stats", "train", "--data", small_digits, "-b", 1,
+                 "--img-size", 8, "--epochs", 1, "-o", tmp_path / "o")
     assert_one_line_error(result, "--batch-size 1 at --img-size 8", "use --batch-size 2 or more")
     assert not (tmp_path / "o" / "last.safetensors").exists()
 
@@ -510,7 +512,7 @@ def test_an_overwrite_that_fails_before_its_first_epoch_puts_the_old_run_back(sm
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     assert {"last.safetensors", "trainer_state.safetensors", "config.json", "metrics.csv"} <= set(before)
     # fails at its first step (batch 1 with 1×1 maps): the run it was replacing comes back whole
-    failed = run(*common, "-b", 1, "--img-size", 8, "--overwrite")
+    failed = run(*common, "-b", 1, "--img-size", 8, "--bn-stats", "train", "--overwrite")  # frozen statistics need no batch
     assert_one_line_error(failed, "--batch-size 1 at --img-size 8", f"; the run it was replacing is back in {out}")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     # what a SIGKILL during an --overwrite leaves (old run set aside, the new run's record only):

@@ -56,8 +56,8 @@ BlockWarmupEpochs = Annotated[Optional[float], typer.Option(
     help="Ramp the inserted blocks' learning rate up from 0 over these epochs (on top of --warmup-epochs).")]
 BnStats = Annotated[str, typer.Option(
     "--bn-stats", rich_help_panel=RECIPE_PANEL,
-    help="train: BatchNorm updates its running statistics on your data; frozen: keep the pretrained ones all run "
-         "(for small batches, or data close to the pretraining set).")]
+    help="frozen: BatchNorm keeps the pretrained running statistics all run (measured better on both offline sets, "
+         "docs/results.md); train: updates them on your data (large datasets, large batches).")]
 NewLrMult = Annotated[Optional[float], typer.Option(
     "--new-lr-mult", hidden=True, rich_help_panel=RECIPE_PANEL,
     help="retrofit 0.1's option: sets --head-lr-mult and --block-lr-mult together.")]

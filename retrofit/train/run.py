@@ -121,7 +121,7 @@ def _epochs(t: Trainer, started: float) -> FinetuneResult:
         # BatchNorm in training needs two values per channel: batch 1 with a 1×1 map has one.
         raise RetrofitError(
             f"--batch-size {cfg.batch_size} at --img-size {t.data_config['input_size'][-1]} leaves BatchNorm "
-            "one value per channel (a 1×1 map): use --batch-size 2 or more, or a larger --img-size"
+            "one value per channel (a 1×1 map): use --batch-size 2 or more, a larger --img-size, or --bn-stats frozen"
         ) from None
     except _OOM:
         b = cfg.batch_size
