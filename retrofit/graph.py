@@ -41,8 +41,7 @@ from torch import fx, nn
 from .probe import (
     PROBE_BATCH,
     ShapeRecorder,
-    capture_inputs,
-    copied,
+    capture_calls,
     default_input_size,
     fixed_arguments,
     inspection_mode,
@@ -315,7 +314,7 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
         return [], failures
     sites: list[Site] = []
     with inspection_mode(model):
-        captured, calls = capture_inputs(model, owners, input_size)
+        captured, outputs, calls = capture_calls(model, owners, input_size)
         for path, module in owners.items():
 
             def fail(reason: str, path: str = path, module: nn.Module = module) -> None:
@@ -347,13 +346,13 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
                 continue
             recorder = ShapeRecorder(gm)
             try:
-                output = recorder.run(*copied(positional_inputs(module, args, kwargs)))
+                output = recorder.run(*positional_inputs(module, args, kwargs))  # a private copy already
             except Exception as e:
                 fail(f"shape propagation failed: {_first_line(e)}")
                 continue
-            # A graph that does not compute what the module computes (Python-side state, a
-            # child that mutates an argument the owner reads again) must never be rewritten.
-            if not same_output(module(*copied(args), **copied(kwargs)), output):
+            # A graph that does not compute what the module computed in the probe (Python-side
+            # state, a child that mutates an argument the owner reads again) must never be rewritten.
+            if not same_output(outputs.get(path), output):
                 fail("its traced graph does not reproduce its output (Python-side state or in-place argument updates)")
                 continue
             shapes = recorder.shapes
