@@ -89,12 +89,12 @@ def capture_calls(
 ) -> tuple[dict[str, tuple], dict[str, Any], dict[str, int]]:
     """Run the probe forward once and record what each owner was called with and returned.
 
-    Returns ``(inputs, outputs, calls)`` by owner path: the ``(args, kwargs)`` and the output of
-    its first call, both copied as they were at that moment (a module may update its input in
-    place, and a later module may update the output in place), and the number of calls. The
-    output is the module's own, before any other forward hook on it changes it. So the owner's
-    graph can be checked against its real output without calling the module again: discovery
-    costs one forward of the model plus one replay of the owners' graphs.
+    Returns ``(inputs, outputs, calls)`` by owner path: the ``(args, kwargs)`` of its first call,
+    copied as they were at that moment (a module may update its input in place), what that call
+    returned (read it with :func:`recorded_output`), and the number of calls. The output is the
+    module's own, before any other forward hook on it changes it. So the owner's graph can be
+    checked against its real output without calling the module again: discovery costs one forward
+    of the model plus one replay of the owners' graphs.
 
     Raises:
         RetrofitError: when the forward pass fails (one line, suggesting ``--input-size``).
@@ -112,7 +112,7 @@ def capture_calls(
 
         def after(mod: nn.Module, args: tuple, output: Any, path: str = path) -> None:
             if path not in outputs:
-                outputs[path] = copied(output)
+                outputs[path] = _kept(output)
 
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(module.register_forward_hook(after, prepend=True))
@@ -129,6 +129,41 @@ def capture_calls(
         for h in handles:
             h.remove()
     return inputs, outputs, calls
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _versions(value: Any) -> list[int] | None:
+    """The version counters of the tensors in ``value`` (bumped by every in-place update), or None
+    where a tensor keeps none (inference tensors)."""
+    try:
+        return [t._version for t in _tensors(value)]
+    except RuntimeError:
+        return None
+
+
+def _kept(output: Any) -> tuple[Any, list[int] | None]:
+    """An output held for a later comparison: by reference with its tensors' versions (a copy of
+    every owner's output would cost a tenth of a forward), or copied where versions are not kept."""
+    versions = _versions(output)
+    return (output, versions) if versions is not None else (copied(output), None)
+
+
+def recorded_output(kept: tuple[Any, list[int] | None]) -> tuple[bool, Any]:
+    """``(True, output)`` as the call returned it, or ``(False, None)`` when a later module updated
+    it in place (a ``ReLU(inplace=True)`` after the unit): the caller then has to call the module again."""
+    output, versions = kept
+    if versions is None:
+        return True, output
+    return (True, output) if _versions(output) == versions else (False, None)
 
 
 def positional_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
