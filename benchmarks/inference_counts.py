@@ -9,7 +9,7 @@ do not depend on what else runs. Hardware counters would do too, where the kerne
 The same five models as ``inference.py`` (a: resnet50d + retrofit ECA, b: timm ecaresnet50d,
 c: resnet50d, e: resnet50 + retrofit SE, f: timm seresnet50; random weights, eval,
 ``inference_mode``, float32, NCHW, one thread), at 224×224 but **batch 1** (under valgrind a call
-runs ~50–100× slower). Each model runs in its own process under
+runs ~50–100× slower). Each family (a, b, c; e, f) runs in one process under
 ``valgrind --tool=callgrind --instr-atstart=no --cache-sim=yes``: import, build, retrofit and one
 warm-up call run uninstrumented; then a client request (a four-line C shim, compiled here with
 ``gcc``) switches instrumentation on, and exactly one call is counted (``CALLGRIND_TOGGLE_COLLECT``
@@ -28,7 +28,7 @@ Usage::
     python benchmarks/inference_counts.py --write docs/benchmarks.md
     python benchmarks/inference_counts.py --smoke              # 32 px, seconds of valgrind-free checks (CI)
 
-About 10–15 minutes on this 2-core VM with ``--jobs 2`` (the default).
+On this 2-core VM, loaded ≈ 7 by other jobs, ``--size 112`` took 40 minutes (docs/benchmarks.md); 224 px takes longer.
 """
 
 from __future__ import annotations
@@ -153,12 +153,13 @@ def compile_shim(folder: Path) -> Path:
 
 def parse_dump(text: str) -> dict[str, int]:
     """Event totals of one callgrind dump: ``{"Ir": …, "I1mr": …, …}`` from its ``events:`` and
-    ``totals:`` (or ``summary:``) lines."""
+    ``summary:`` lines (callgrind's own count of the events; ``totals:``, the sum of the listed
+    costs, where a dump has no summary)."""
     events = totals = None
     for line in text.splitlines():
         if line.startswith("events:"):
             events = line.split()[1:]
-        elif line.startswith(("totals:", "summary:")):
+        elif line.startswith("summary:") or (line.startswith("totals:") and totals is None):
             totals = [int(v) for v in line.split()[1:]]
     if events is None or totals is None:
         raise ValueError("not a callgrind dump: no events/totals lines")
@@ -231,7 +232,7 @@ def render(counts: dict[str, dict[str, int]], size: int, batch: int, seconds: fl
         "",
         f"`python benchmarks/inference_counts.py --write docs/benchmarks.md` (valgrind callgrind, batch {batch}, "
         f"{size}×{size}, eval, `inference_mode`, float32, NCHW, one thread; one counted call per model after an "
-        f"uncounted warm-up, each model in its own process; torch {torch.__version__}, timm {timm.__version__}; "
+        f"uncounted warm-up, a, b, c in one process and e, f in another; torch {torch.__version__}, timm {timm.__version__}; "
         f"{seconds / 60:.1f} min on this machine). The counts repeat exactly whatever the host's load: "
         "they decide the goals, and the wall-clock section above may only contradict them. "
         "CEst = Ir + 10 · L1 misses + 100 · LL misses (callgrind's cycle estimate).",
