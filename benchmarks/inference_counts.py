@@ -13,7 +13,8 @@ runs ~50–100× slower). Each family (a, b, c; e, f) runs in one process under
 ``valgrind --tool=callgrind --instr-atstart=no --cache-sim=yes``: import, build, retrofit and one
 warm-up call run uninstrumented; then a client request (a four-line C shim, compiled here with
 ``gcc``) switches instrumentation on, and exactly one call is counted (``CALLGRIND_TOGGLE_COLLECT``
-around it, dumped under the model's letter). The simulated caches start empty at that call.
+around it, dumped under the model's letter). An uncounted instrumented call runs first, so no counted call starts
+from empty simulated caches.
 
 Reported per model: ``Ir`` (instructions executed), L1 misses (instruction + data), LL misses
 (last level), and callgrind's cycle estimate ``CEst = Ir + 10·L1 misses + 100·LL misses`` (the
