@@ -23,7 +23,9 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from .errors import RetrofitError
 
@@ -123,7 +125,28 @@ class SqueezeExcite(ChannelGate):
             nn.init.zeros_(self.fc2.bias)
 
     def excite(self, s: torch.Tensor) -> torch.Tensor:
+        """``fc2(relu(fc1(s)))``, ``(N, C, 1, 1) → (N, C, 1, 1)``.
+
+        On a pooled vector a 1×1 convolution is a matrix product, and ``F.linear`` on the same
+        weights computes it several times faster on CPU (batch 8, C 256–2048: 15–224 µs against
+        80–540 µs, docs/benchmarks.md). Taken only where it is the same computation: ``fc1``,
+        ``fc2`` are plain ``nn.Conv2d`` (not a LoRA or quantised replacement) and no hook sits on
+        them, on ``act`` or on every module (a hook sees the 4-D tensors, and
+        :func:`retrofit.profile` counts under a global hook, so its MACs stay those of the convs).
+        """
+        if s.dim() == 4 and s.shape[2:] == (1, 1) and self._plain_excitation():
+            hidden = self.act(F.linear(s.flatten(1), self.fc1.weight.flatten(1), self.fc1.bias))
+            return F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias).view(s.shape)
         return self.fc2(self.act(self.fc1(s)))
+
+    def _plain_excitation(self) -> bool:
+        return (
+            type(self.fc1) is nn.Conv2d
+            and type(self.fc2) is nn.Conv2d
+            and type(self.act) is nn.ReLU
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.act, self.fc2))
+            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
+        )
 
     @classmethod
     def resolve(cls, channels: int, *, reduction: int = 16, rd_divisor: int = 8, **_: Any) -> dict[str, Any]:

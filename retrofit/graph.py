@@ -41,17 +41,18 @@ from torch import fx, nn
 from .probe import (
     PROBE_BATCH,
     ShapeRecorder,
-    capture_inputs,
+    capture_calls,
     copied,
     default_input_size,
     fixed_arguments,
     inspection_mode,
     positional_inputs,
     preserved_state,
+    recorded_output,
     same_output,
 )
 from .stages import stage_numbers, stride_of
-from .trace import timm_notrace_modules, trace_owner
+from .trace import Traced, timm_notrace_modules, trace_owner
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
@@ -274,13 +275,15 @@ def _other_forward_paths(model: nn.Module) -> list[str]:
 
 
 def find_sites(
-    model: nn.Module, input_size: tuple[int, int, int] | None = None
+    model: nn.Module, input_size: tuple[int, int, int] | None = None, *, traces: dict[str, Traced] | None = None
 ) -> tuple[list[Site], list[TraceFailure]]:
     """Find every residual site of ``model`` without changing it.
 
     Args:
         model: any ``nn.Module`` taking ``(N, C, H, W)`` images.
         input_size: ``(C, H, W)`` of the dummy input; default :func:`default_input_size`.
+        traces: when given, filled with each site owner's graph (``{owner: Traced}``), so that
+            :func:`retrofit.rewrite.rewrite_owner` need not trace it again.
 
     Returns:
         ``(sites, failures)``: sites in module order; modules whose forward could not be traced.
@@ -289,15 +292,18 @@ def find_sites(
         RetrofitError: when the dummy forward pass fails.
     """
     with preserved_state(model):
-        return _find_sites(model, tuple(input_size or default_input_size(model)))
+        return _find_sites(model, tuple(input_size or default_input_size(model)), traces)
 
 
-def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[list[Site], list[TraceFailure]]:
+def _find_sites(
+    model: nn.Module, input_size: tuple[int, int, int], traces: dict[str, Traced] | None = None
+) -> tuple[list[Site], list[TraceFailure]]:
     # Modules with an addition in their own graph, and modules whose plain trace failed (it may
     # succeed once their None/bool arguments are fixed, which the probe call tells).
     graphs: dict[str, fx.GraphModule | None] = {}
     untraced: dict[str, str] = {}
     owners: dict[str, nn.Module] = {}
+    kept: dict[str, Traced] = {}
     for path, module, expected_untraceable in _candidate_modules(model):
         try:
             gm = trace_owner(module)
@@ -309,13 +315,14 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
             continue
         if any(_is_add(n) for n in gm.graph.nodes):
             graphs[path], owners[path] = gm, module
+            kept[path] = Traced.of(module, gm)
 
     failures: list[TraceFailure] = []
     if not owners:
         return [], failures
     sites: list[Site] = []
     with inspection_mode(model):
-        captured, calls = capture_inputs(model, owners, input_size)
+        captured, outputs, calls = capture_calls(model, owners, input_size)
         for path, module in owners.items():
 
             def fail(reason: str, path: str = path, module: nn.Module = module) -> None:
@@ -333,6 +340,7 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
             if fixed:
                 try:
                     gm = trace_owner(module, fixed_args=fixed)
+                    kept[path] = Traced.of(module, gm, fixed)
                 except Exception as e:
                     fail(untraced.get(path) or _first_line(e))
                     continue
@@ -345,15 +353,18 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
             if calls[path] > 1:
                 fail("module is called more than once per forward")
                 continue
+            intact, expected = recorded_output(outputs[path])
+            if not intact:  # a later module updated the output in place: the module's own, once more
+                expected = module(*copied(args), **copied(kwargs))
             recorder = ShapeRecorder(gm)
             try:
-                output = recorder.run(*copied(positional_inputs(module, args, kwargs)))
+                output = recorder.run(*positional_inputs(module, args, kwargs))  # a private copy already
             except Exception as e:
                 fail(f"shape propagation failed: {_first_line(e)}")
                 continue
-            # A graph that does not compute what the module computes (Python-side state, a
-            # child that mutates an argument the owner reads again) must never be rewritten.
-            if not same_output(module(*copied(args), **copied(kwargs)), output):
+            # A graph that does not compute what the module computed in the probe (Python-side
+            # state, a child that mutates an argument the owner reads again) must never be rewritten.
+            if not same_output(expected, output):
                 fail("its traced graph does not reproduce its output (Python-side state or in-place argument updates)")
                 continue
             shapes = recorder.shapes
@@ -371,6 +382,8 @@ def _find_sites(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[lis
                 if in_shape is not None and not is_feature_map(in_shape, input_size):
                     continue  # e.g. attention logits or a conv position encoding of 3-D tokens
                 found.append((add, branch, shortcut, unit_input))
+            if found and traces is not None:
+                traces[path] = kept[path]
             for index, (add, branch, shortcut, unit_input) in enumerate(_outermost(found)):
                 sa, in_shape = shapes[add.args[0]], shapes.get(unit_input)
                 sites.append(

@@ -1,14 +1,17 @@
 """The probe forward: a seeded dummy input of the kind a model takes, and what one forward shows.
 
 Discovery runs the model once in eval mode under ``no_grad`` (:func:`inspection_mode`), records
-each candidate owner's real call arguments (:func:`capture_inputs`), and replays an owner's
-graph on them to learn every tensor's shape (:class:`ShapeRecorder`). Every buffer, mode and
-attribute is put back afterwards (:func:`preserved_state`).
+each candidate owner's real call arguments and output (:func:`capture_calls`), and replays an
+owner's graph on those arguments to learn every tensor's shape (:class:`ShapeRecorder`), checking
+the replay against the recorded output: one forward of the model and one of its owners, no more
+(``tests/test_surgery_invariants.py`` counts them). Every buffer, mode and attribute is put back
+afterwards (:func:`preserved_state`).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -81,19 +84,38 @@ def probe_input(
     return list(x) if takes_image_list(model) else x
 
 
-def capture_inputs(
+def capture_calls(
     model: nn.Module, owners: dict[str, nn.Module], input_size: tuple[int, int, int]
-) -> tuple[dict[str, tuple], dict[str, int]]:
-    captured: dict[str, tuple] = {}
+) -> tuple[dict[str, tuple], dict[str, Any], dict[str, int]]:
+    """Run the probe forward once and record what each owner was called with and returned.
+
+    Returns ``(inputs, outputs, calls)`` by owner path: the ``(args, kwargs)`` of its first call,
+    copied as they were at that moment (a module may update its input in place), what that call
+    returned (read it with :func:`recorded_output`), and the number of calls. The output is the
+    module's own, before any other forward hook on it changes it. So the owner's graph can be
+    checked against its real output without calling the module again: discovery costs one forward
+    of the model plus one replay of the owners' graphs.
+
+    Raises:
+        RetrofitError: when the forward pass fails (one line, suggesting ``--input-size``).
+    """
+    inputs: dict[str, tuple] = {}
+    outputs: dict[str, Any] = {}
     calls: dict[str, int] = {path: 0 for path in owners}
     handles = []
     for path, module in owners.items():
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
+        def before(mod: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
             calls[path] += 1
-            captured.setdefault(path, (args, kwargs))
+            if path not in inputs:
+                inputs[path] = copied((args, kwargs))
 
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        def after(mod: nn.Module, args: tuple, output: Any, path: str = path) -> None:
+            if path not in outputs:
+                outputs[path] = _kept(output)
+
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after, prepend=True))
     try:
         x = probe_input(model, input_size)
         try:
@@ -106,7 +128,42 @@ def capture_inputs(
     finally:
         for h in handles:
             h.remove()
-    return captured, calls
+    return inputs, outputs, calls
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _versions(value: Any) -> list[int] | None:
+    """The version counters of the tensors in ``value`` (bumped by every in-place update), or None
+    where a tensor keeps none (inference tensors)."""
+    try:
+        return [t._version for t in _tensors(value)]
+    except RuntimeError:
+        return None
+
+
+def _kept(output: Any) -> tuple[Any, list[int] | None]:
+    """An output held for a later comparison: by reference with its tensors' versions (a copy of
+    every owner's output would cost a tenth of a forward), or copied where versions are not kept."""
+    versions = _versions(output)
+    return (output, versions) if versions is not None else (copied(output), None)
+
+
+def recorded_output(kept: tuple[Any, list[int] | None]) -> tuple[bool, Any]:
+    """``(True, output)`` as the call returned it, or ``(False, None)`` when a later module updated
+    it in place (a ``ReLU(inplace=True)`` after the unit): the caller then has to call the module again."""
+    output, versions = kept
+    if versions is None:
+        return True, output
+    return (True, output) if _versions(output) == versions else (False, None)
 
 
 def positional_inputs(module: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
@@ -157,12 +214,7 @@ def same_output(expected: Any, got: Any) -> bool:
             return False
         if not expected.is_floating_point():
             return torch.equal(expected, got)
-        a, b = expected.detach().double(), got.detach().double()
-        if not torch.equal(a.isnan(), b.isnan()):
-            return False
-        a, b = a.nan_to_num(), b.nan_to_num()
-        scale = max(1.0, a.abs().max().item()) if a.numel() else 1.0
-        return a.numel() == 0 or (a - b).abs().max().item() <= 1e-5 * scale
+        return expected.numel() == 0 or _close(expected.detach(), got.detach())
     if isinstance(expected, dict):
         return isinstance(got, dict) and expected.keys() == got.keys() and all(
             same_output(expected[k], got[k]) for k in expected
@@ -177,6 +229,26 @@ def same_output(expected: Any, got: Any) -> bool:
         return bool(expected == got)
     except Exception:
         return False
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``max|a − b| ≤ 1e-5 · max(1, max|a|)``, NaNs in the same places, infinities counted as the
+    largest finite number. Finite maps take two reductions in their own precision (half and bfloat16
+    in float32): the probe's maps are large, and copies in float64 cost as much as the replay itself."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    inf = float("inf")
+    scale = torch.linalg.vector_norm(a, inf).item()
+    if math.isfinite(scale):
+        diff = torch.linalg.vector_norm(a - b, inf).item()
+        if math.isfinite(diff):
+            return diff <= 1e-5 * max(1.0, scale)
+    # a NaN or an infinity somewhere (or a difference past float range): the exact, slower rule
+    a, b = a.double(), b.double()
+    if not torch.equal(a.isnan(), b.isnan()):
+        return False
+    a, b = a.nan_to_num(), b.nan_to_num()
+    return (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
 
 
 def fixed_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from .errors import RetrofitError
 from .forward import RewrittenForward, portable_code
 from .graph import Site
 from .squeeze import projected_squeeze, projection_of
-from .trace import trace_owner
+from .trace import Traced, trace_owner
 
 
 def free_names(owner: nn.Module, base: str, count: int) -> list[str]:
@@ -142,17 +142,23 @@ def _fuse(gm: fx.GraphModule, site: Site, attr: str, placement: str, owner_path:
     return True
 
 
-def rewrite_owner(owner: nn.Module, plan: list[tuple[Site, str, nn.Module]], placement: str, path: str = "") -> None:
+def rewrite_owner(owner: nn.Module, plan: list[tuple[Site, str, nn.Module]], placement: str, path: str = "",
+                  traced: Traced | None = None) -> None:
     """Insert ``plan``'s blocks into ``owner``'s forward and register them as its children.
 
     ``plan`` holds ``(site, attr, block)`` per site of this owner. The owner's class is kept;
     its ``forward`` becomes the regenerated graph code (one per mode when train and eval
-    graphs differ). Raises :class:`RetrofitError` when the owner cannot be re-traced.
+    graphs differ). ``traced``: discovery's graph of the owner, used (and changed) for its mode
+    when it still fits the owner. Raises :class:`RetrofitError` when the owner cannot be re-traced.
     """
     owner_path = plan[0][0].owner if plan else path
     try:
         fixed = dict(plan[0][0].fixed_args) if plan else None
-        modes = {mode: trace_owner(owner, training=mode, fixed_args=fixed) for mode in (True, False)}
+        modes = {
+            mode: traced.graph if traced is not None and traced.fits(owner, mode, fixed)
+            else trace_owner(owner, training=mode, fixed_args=fixed)
+            for mode in (True, False)
+        }
     except Exception as e:
         raise RetrofitError(f"cannot re-trace {owner_path or '<root>'}: {str(e).splitlines()[0]}") from e
     for gm in modes.values():

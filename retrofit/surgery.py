@@ -30,6 +30,7 @@ from .graph import Site, TraceFailure, find_sites
 from .stages import stages_measurable
 from .probe import default_input_size, preserved_state
 from .rewrite import free_names, rewrite_owner
+from .trace import Traced
 
 PLACEMENTS = ("standard", "pre", "post", "identity")
 #: Attribute that marks a rewritten owner; holds its :class:`InsertedSite` list.
@@ -199,7 +200,8 @@ def _add_attention(model: nn.Module, block: str, cls: type, *, placement: str, r
         )
         setattr(model, MODEL_MARK, Retrofit(block, placement, init, user_options, [], input_size, replaced))
         return model, replaced
-    all_sites, failures = find_sites(model, input_size)
+    traces: dict[str, Traced] = {}
+    all_sites, failures = find_sites(model, input_size, traces=traces)
     if not all_sites:
         raise RetrofitError(no_site_message(model, failures))
     if (stages or isinstance(kernel_size, (list, tuple))) and not stages_measurable(all_sites):
@@ -225,7 +227,7 @@ def _add_attention(model: nn.Module, block: str, cls: type, *, placement: str, r
             groups=groups,
         )
         planned.append((site, channels, options))
-    inserted = apply_plan(model, planned, block, placement, init)
+    inserted = apply_plan(model, planned, block, placement, init, traces)
     setattr(model, MODEL_MARK, Retrofit(block, placement, init, user_options, inserted, input_size))
     return model, inserted
 
@@ -236,10 +238,13 @@ def apply_plan(
     block: str,
     placement: str,
     init: str,
+    traces: dict[str, Traced] | None = None,
 ) -> list[InsertedSite]:
     """Build one block per ``(site, channels, options)`` and rewrite the owners.
 
     Every block is built before the model is touched, so an invalid option leaves it unchanged.
+    ``traces`` are discovery's graphs of the owners (:func:`retrofit.graph.find_sites`), reused
+    where they still fit.
     """
     blocks = [create_block(block, channels, init=init, **options) for _, channels, options in planned]
     param = next(model.parameters(), None)
@@ -254,7 +259,8 @@ def apply_plan(
         for i in indices:
             blocks[i].train(owner.training)
         attrs = free_names(owner, block.replace("-", "_"), len(indices))
-        rewrite_owner(owner, [(planned[i][0], attrs[j], blocks[i]) for j, i in enumerate(indices)], placement)
+        rewrite_owner(owner, [(planned[i][0], attrs[j], blocks[i]) for j, i in enumerate(indices)], placement,
+                      traced=(traces or {}).pop(owner_path, None))
         mine = []
         for j, i in enumerate(indices):
             site, channels, options = planned[i]

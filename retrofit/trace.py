@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from torch import fx, nn
@@ -131,3 +132,36 @@ def _get_path(module: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _identity(module: nn.Module) -> tuple:
+    """What a shallow trace reads besides the mode and the fixed arguments: the module's class, its
+    own attributes, parameters, buffers and children (by object identity)."""
+    return (
+        type(module),
+        tuple((k, id(v)) for k, v in module.__dict__.items() if k != "training"),
+        *(tuple((k, id(v)) for k, v in store.items()) for store in (module._parameters, module._buffers, module._modules)),
+    )
+
+
+@dataclass
+class Traced:
+    """A shallow graph of ``module`` (:func:`trace_owner`) kept to be used once more: discovery's trace
+    of an owner becomes the rewrite's graph for the same mode, instead of a third trace (issue 18).
+
+    It is handed out only while the module is as it was traced: the same mode, fixed arguments and
+    attributes (a forward that caches something on its first call changes one, and gets a fresh trace).
+    """
+
+    graph: fx.GraphModule
+    training: bool
+    fixed_args: dict[str, Any]
+    identity: tuple = field(repr=False)
+
+    @classmethod
+    def of(cls, module: nn.Module, graph: fx.GraphModule, fixed_args: dict[str, Any] | None = None) -> "Traced":
+        return cls(graph, module.training, dict(fixed_args or {}), _identity(module))
+
+    def fits(self, module: nn.Module, training: bool, fixed_args: dict[str, Any] | None) -> bool:
+        return (self.training == training and self.fixed_args == dict(fixed_args or {})
+                and self.identity == _identity(module))

@@ -222,3 +222,39 @@ def test_operands_that_meet_only_through_a_shape_are_no_site():
         _TwoResolutions(), [retrofit.graph.TraceFailure(f"m{i}", "Conv2d", "untraceable") for i in range(5)]
     )
     assert message.endswith("m1 (Conv2d): untraceable (and 3 more)")
+
+
+class _UpdatesItsInput(nn.Module):
+    """A unit that adds into its own input (``x += f(x)``): the probe's record of that input must be
+    taken before the call, or the replay would start from the updated map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = _conv()
+
+    def forward(self, x):
+        x += self.conv(x)
+        return x
+
+
+def test_owner_that_updates_its_input_in_place_is_a_site():
+    model = nn.Sequential(_conv(), _UpdatesItsInput(), nn.ReLU(inplace=True))  # the ReLU updates the unit's output
+    sites, failures = retrofit.find_sites(model, SIZE)
+    assert failures == []
+    assert [(s.owner, s.residual_branch, s.shortcut, s.channels) for s in sites] == [("1", "conv", "x", 8)]
+
+
+def test_same_output_tolerance_nans_and_infinities():
+    from retrofit.probe import same_output
+
+    a = torch.tensor([1000.0, -2.0, 0.5])
+    assert same_output(a, a + torch.tensor([0.009, 0.0, 0.0]))  # within 1e-5 of the scale 1000
+    assert not same_output(a, a + torch.tensor([0.0, 0.0, 0.011]))
+    nan, inf = float("nan"), float("inf")
+    assert same_output(torch.tensor([nan, inf, 1.0]), torch.tensor([nan, inf, 1.0]))
+    assert not same_output(torch.tensor([nan, 1.0]), torch.tensor([1.0, 1.0]))
+    assert not same_output(torch.tensor([1.0, 1.0]), torch.tensor([1.0, nan]))
+    assert not same_output(torch.tensor([inf, 1.0]), torch.tensor([1.0, 1.0]))
+    assert not same_output(torch.tensor([3e38, 1.0]), torch.tensor([-3e38, 1.0]))  # a difference past float range
+    half = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    assert same_output(half, half.clone()) and not same_output(half, half * 2)

@@ -95,9 +95,9 @@ def test_without_autograd_the_squeeze_is_taken_before_the_last_projection():
     with torch.inference_mode():
         early, shapes = _gate_inputs(model, sites, x)
         want = native(x)
-    # layer1's three gates get the pooled vector (256 × 56² squeezed from 64 × 56²: 37× fewer
-    # elements than the pooled conv's MACs); from layer2 on (4.6× and less) the gate squeezes the map
-    assert shapes[:4] == [(1, 256, 1, 1)] * 3 + [(1, 512, 28, 28)] and len(shapes) == 16
+    # layer1's and layer2's gates get the pooled vector (256 × 56² squeezed from 64 × 56²: 37× fewer
+    # elements than the pooled conv's MACs; layer2 4.6×); from layer3 on (0.6×) the gate squeezes the map
+    assert shapes[:8] == [(1, 256, 1, 1)] * 3 + [(1, 512, 1, 1)] * 4 + [(1, 1024, 14, 14)] and len(shapes) == 16
     assert (early - want).abs().max().item() < 1e-5
     with torch.no_grad():
         assert torch.equal(model(x), early)  # no_grad takes it too, inference_mode or not
@@ -133,3 +133,19 @@ def test_the_early_squeeze_steps_aside_for_hooks_swapped_modules_and_training():
         block.bn3.train()  # batch statistics: not an affine map of each pixel
         _, shapes = _gate_inputs(model, sites, x)
         assert shapes[0] == (1, 256, 56, 56)
+
+
+def test_se_excitation_is_a_matrix_product_unless_a_hook_watches():
+    from retrofit.blocks import SqueezeExcite
+
+    block = SqueezeExcite(256, 16, init="paper")
+    s = torch.randn(8, 256, 1, 1)
+    block.fc1.forward = None  # F.linear on fc1's weights: the conv module is not called
+    fast = block.excite(s)
+    del block.fc1.forward
+    seen = []
+    hook = block.fc1.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    slow = block.excite(s)
+    hook.remove()
+    assert seen == [(8, 16, 1, 1)]  # a hook sees the 1×1 conv's 4-D output, as before
+    assert fast.shape == (8, 256, 1, 1) and (fast - slow).abs().max().item() < 1e-6

@@ -130,3 +130,20 @@ def test_untraceable_model_error_names_module_and_reason():
     message = str(info.value)
     assert "no residual site found in Sequential" in message
     assert "1 (_DataDependentBlock)" in message and "control flow" in message
+
+
+def test_add_attention_costs_two_forwards_of_convolutions():
+    """Issue 18: discovery runs the model once and replays each owner's graph once (no third call of
+    the owners to check the replay); timm resnet50 has 53 convolutions, 52 of them in its 16 owners."""
+    model, _, _ = retrofit.load_model("resnet50", pretrained=False)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    per_forward = len(calls)
+    calls.clear()
+    retrofit.add_attention(model, "eca", input_size=(3, 64, 64))
+    assert per_forward == 53
+    assert len(calls) == 53 + 52  # before issue 18: 53 + 52 + 52
