@@ -15,15 +15,18 @@ from retrofit.errors import RetrofitError
 from retrofit.train.digits import write_digits
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, *, write=write_digits, description: str = __doc__,
+         val_fraction: float = 0.2) -> int:
+    """The command line of this script and of ``make_faces.py`` (``write``: the set's writer)."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("folder", help="target root; train/ and val/ are created inside it")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class in val/ (default 0.2)")
+    parser.add_argument("--val-fraction", type=float, default=val_fraction,
+                        help=f"share of each class in val/ (default {val_fraction:g})")
     parser.add_argument("--seed", type=int, default=0, help="random state of the split (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/ trees")
     args = parser.parse_args(argv)
     try:
-        counts = write_digits(args.folder, val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite)
+        counts = write(args.folder, val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite)
     except RetrofitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

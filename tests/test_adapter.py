@@ -19,15 +19,6 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a CPU shared with other jobs, threads waiting on each other cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_one_line_error(result, *fragments):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()

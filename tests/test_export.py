@@ -20,15 +20,6 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a CPU shared with other jobs, threads waiting on each other cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def r18(tmp_path_factory):
     """resnet18 + ECA at paper init with random gates (64 px), as a checkpoint and as an adapter with its base."""

@@ -32,14 +32,6 @@ from retrofit.train.optim import apply_block_warmup
 DIGIT_AUG = ["--hflip", "0", "--scale", "0.5,1", "--workers", "0", "--img-size", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
