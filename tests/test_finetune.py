@@ -181,8 +181,8 @@ def test_torchrun_two_cpu_processes_agree_and_write_once(small_digits, lite0_wei
     assert len(digests) == 2 and digests[0] == digests[1] == saved  # both ranks hold exactly the saved weights
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "best.safetensors", "config.json", "curves.png", "last.safetensors", "metrics.csv", "summary.json",
-        "trainer_state.safetensors"])
+        "best.safetensors", "config.json", "curves.png", "drift.csv", "gates.csv", "last.safetensors", "metrics.csv",
+        "summary.json", "trainer_state.safetensors"])
     assert [r["epoch"] for r in rows(out)] == ["1", "2"]
     assert proc.stdout.count("epoch 2/2 ·") == 1  # one rank prints
     load_checkpoint(out / "last.safetensors")

@@ -75,8 +75,8 @@ def test_two_finetunes_into_one_output_the_second_is_refused_naming_the_first(sm
     assert record["config"]["seed"] == seed
     assert json.loads((out / "summary.json").read_text())["epochs_done"] == 3
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "best.safetensors", "config.json", "curves.png", "last.safetensors", "metrics.csv", "summary.json",
-        "trainer_state.safetensors"])
+        "best.safetensors", "config.json", "curves.png", "drift.csv", "last.safetensors", "metrics.csv",
+        "summary.json", "trainer_state.safetensors"])  # no block: no gates.csv
     assert stdout.count("epoch 3/3 ·") == 1
     assert hidden_files(tmp_path) == []  # the lock file is gone with its holder
 

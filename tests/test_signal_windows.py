@@ -48,6 +48,7 @@ class StandInTrainer:
         self.optimizer = SimpleNamespace(param_groups=[{"lr": 0.1}])
         self.train_sampler = SimpleNamespace(set_epoch=lambda epoch: None)
         self.train_loader = self.val_loader = None
+        self.drift_start = (0, {})  # drift.csv measures from here
 
     def build(self) -> None:
         pass

@@ -77,7 +77,7 @@ def ablate(
     head_lr_mult: HeadLrMult = None,
     block_lr_mult: BlockLrMult = None,
     block_warmup_epochs: BlockWarmupEpochs = None,
-    bn_stats: BnStats = "frozen",
+    bn_stats: BnStats = "train",
     new_lr_mult: NewLrMult = None,
     freeze_backbone_epochs: FreezeBackboneEpochs = 0,
     accum_steps: AccumSteps = 1,

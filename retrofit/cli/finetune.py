@@ -50,11 +50,12 @@ HELP = (
     "curves.png.\n\n"
     "The recipe for a retrofitted model: AdamW at --lr with a warm-up and a cosine schedule; the backbone at 1 × lr, "
     "a new head at --head-lr-mult (10) × lr, the inserted SE/ECA blocks in their own parameter group at "
-    "--block-lr-mult (1) × lr with no weight decay; BatchNorm statistics kept as pretrained (--bn-stats frozen). "
+    "--block-lr-mult (1) × lr with no weight decay; BatchNorm statistics updated (--bn-stats train). "
     "A base run and "
     "its retrofit with the same --seed draw the same random numbers, so they compare pairwise.\n\n"
     "When to change it: gates that saturate (gates.csv: min near 0 or max near 2) want a lower --block-lr-mult or "
-    "--block-warmup-epochs (a new head settles first); a large dataset with large batches, --bn-stats train. Whether a "
+    "--block-warmup-epochs (a new head settles first); a small dataset at a moderate lr (with warm-up), try "
+    "--bn-stats frozen. Whether a "
     "difference is real: retrofit ablate --blocks none,noise,eca (docs/results.md)."
 )
 
@@ -93,7 +94,7 @@ def finetune(
     head_lr_mult: HeadLrMult = None,
     block_lr_mult: BlockLrMult = None,
     block_warmup_epochs: BlockWarmupEpochs = None,
-    bn_stats: BnStats = "frozen",
+    bn_stats: BnStats = "train",
     new_lr_mult: NewLrMult = None,
     freeze_backbone_epochs: FreezeBackboneEpochs = 0,
     accum_steps: AccumSteps = 1,

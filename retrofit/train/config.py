@@ -70,8 +70,8 @@ class FinetuneConfig:
         block_lr_mult and block_warmup_epochs (learning-rate factor of the inserted blocks, and the
         epochs over which it ramps up from 0; None = :data:`BLOCK_LR_MULT` / :data:`BLOCK_WARMUP_EPOCHS`,
         a number = asked for, which a model without inserted blocks refuses), bn_stats
-        (``frozen``, the default: BatchNorm keeps the pretrained running statistics for the whole run;
-        ``train``: updates them on the data; measured in docs/results.md), freeze_backbone_epochs, accum_steps, clip_grad (max global L2 norm; None = off), ema,
+        (``train``, the default: BatchNorm updates its running statistics on the data; ``frozen``: keeps
+        the pretrained ones for the whole run; measured in docs/results.md), freeze_backbone_epochs, accum_steps, clip_grad (max global L2 norm; None = off), ema,
         ema_decay, seed.
     What trains (issue 20):
         train: ``full`` (every weight), ``blocks`` (the inserted blocks and the head; backbone and
@@ -127,7 +127,7 @@ class FinetuneConfig:
     head_lr_mult: float = 10.0
     block_lr_mult: float | None = None
     block_warmup_epochs: float | None = None
-    bn_stats: str = "frozen"
+    bn_stats: str = "train"
     freeze_backbone_epochs: int = 0
     accum_steps: int = 1
     clip_grad: float | None = None
