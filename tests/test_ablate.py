@@ -218,6 +218,7 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(small_digits, tmp_path):
     (["--shard", "3/2"], "--shard takes I/N with 1 ≤ I ≤ N, got '3/2'"),
     (["--shard", "0/2"], "--shard takes I/N with 1 ≤ I ≤ N, got '0/2'"),
     (["--train", "head", "--init", "paper"], "--train head with eca at --init paper"),
+    (["--blocks", "noise,eca"], "--blocks noise needs none in the grid too"),
 ])
 def test_bad_grids_are_one_line_errors_and_run_nothing(extra, fragment, small_digits, tmp_path):
     out = tmp_path / "out"

@@ -170,11 +170,16 @@ def test_bn_stats_frozen_keeps_every_running_statistic(small_digits, lite0_weigh
 
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("args, fragment", [
-    (["--block", "eca", "--block-lr-mult", "0"], "--block-lr-mult must be a number > 0, got 0.0"),
-    (["--block", "eca", "--block-lr-mult", "-1"], "--block-lr-mult must be a number > 0, got -1.0"),
-    (["--block", "eca", "--block-lr-mult", "nan"], "--block-lr-mult must be a number > 0, got nan"),
-    (["--head-lr-mult", "0"], "--head-lr-mult must be a number > 0, got 0.0"),
-    (["--new-lr-mult", "-2"], "--head-lr-mult must be a number > 0, got -2.0"),
+    (["--block", "eca", "--block-lr-mult", "0"], "--block-lr-mult must be a finite number > 0, got 0.0"),
+    (["--block", "eca", "--block-lr-mult", "-1"], "--block-lr-mult must be a finite number > 0, got -1.0"),
+    (["--block", "eca", "--block-lr-mult", "nan"], "--block-lr-mult must be a finite number > 0, got nan"),
+    (["--head-lr-mult", "0"], "--head-lr-mult must be a finite number > 0, got 0.0"),
+    (["--new-lr-mult", "-2"], "--new-lr-mult must be a finite number > 0, got -2.0"),
+    (["--block", "eca", "--block-lr-mult", "inf"], "--block-lr-mult must be a finite number > 0, got inf"),
+    (["--block", "eca", "--train", "head", "--block-lr-mult", "0.1"],
+     "--block-lr-mult does not apply with --train head: the inserted blocks do not train"),
+    (["--block", "eca", "--train", "blocks", "--bn-stats", "train"],
+     "--bn-stats train does not apply with --train blocks: the backbone and its BatchNorm statistics stay frozen"),
     (["--block", "eca", "--block-warmup-epochs", "5", "--epochs", "2"], "--block-warmup-epochs must be between 0 and --epochs"),
     (["--bn-stats", "sometimes"], "unknown --bn-stats 'sometimes'; choose one of: train, frozen"),
     (["--new-lr-mult", "10", "--head-lr-mult", "5"], "--new-lr-mult sets both --head-lr-mult and --block-lr-mult"),

@@ -191,6 +191,9 @@ class Grid:
                 if axis in options and v not in options[axis]:
                     raise RetrofitError(f"{flag}: {v!r} is not an option; choose from {', '.join(options[axis])}")
                 _check_number(axis, flag, v)
+        if NOISE in self.blocks and NONE not in self.blocks:
+            raise RetrofitError("--blocks noise needs none in the grid too: the noise row is the base trained again, "
+                                "compared with the base")
         if self.init not in ("identity", "paper"):
             raise RetrofitError(f"unknown init {self.init!r}; choose one of: identity, paper")
         self.cells()

@@ -7,6 +7,7 @@ Parsing and printing only; the engine is :func:`retrofit.train.finetune`. Under
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -94,7 +95,7 @@ def finetune(
     head_lr_mult: HeadLrMult = None,
     block_lr_mult: BlockLrMult = None,
     block_warmup_epochs: BlockWarmupEpochs = None,
-    bn_stats: BnStats = "train",
+    bn_stats: BnStats = None,
     new_lr_mult: NewLrMult = None,
     freeze_backbone_epochs: FreezeBackboneEpochs = 0,
     accum_steps: AccumSteps = 1,
@@ -137,6 +138,12 @@ def finetune(
         check_block_options(block, reduction=reduction if reduction != 16 else None, kernel_size=kernel_size,
                             groups=groups)
     kernels = parse_ints(kernel_size, "--kernel-size")
+    if bn_stats == "train" and train != "full":
+        fail(f"--bn-stats train does not apply with --train {train}: the backbone and its BatchNorm statistics stay "
+             "frozen")
+    if (new_lr_mult is not None and block is None and not source.endswith(".safetensors") and head_lr_mult is None
+            and block_lr_mult is None and math.isfinite(new_lr_mult) and new_lr_mult > 0):
+        head_lr_mult, new_lr_mult = new_lr_mult, None  # no inserted blocks: retrofit 0.1's factor is the head's
     from ..train.config import FinetuneConfig
 
     config = FinetuneConfig(
@@ -153,7 +160,7 @@ def finetune(
             optimizer=optimizer, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
             momentum=momentum, label_smoothing=label_smoothing, new_lr_mult=new_lr_mult,
             head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult, block_warmup_epochs=block_warmup_epochs,
-            bn_stats=bn_stats,
+            bn_stats=bn_stats or ("train" if train == "full" else "frozen"),
             freeze_backbone_epochs=freeze_backbone_epochs, accum_steps=accum_steps, clip_grad=clip_grad, ema=ema,
             ema_decay=ema_decay, seed=seed, device=device, precision=precision, channels_last=channels_last,
             compile=compile,

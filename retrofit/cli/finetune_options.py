@@ -7,6 +7,7 @@ parsed values into :class:`retrofit.train.FinetuneConfig` keyword arguments.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Annotated, Any, Optional, get_args
 
@@ -54,8 +55,8 @@ BlockLrMult = Annotated[Optional[float], typer.Option(
 BlockWarmupEpochs = Annotated[Optional[float], typer.Option(
     "--block-warmup-epochs", rich_help_panel=RECIPE_PANEL, show_default="0",
     help="Ramp the inserted blocks' learning rate up from 0 over these epochs (on top of --warmup-epochs).")]
-BnStats = Annotated[str, typer.Option(
-    "--bn-stats", rich_help_panel=RECIPE_PANEL,
+BnStats = Annotated[Optional[str], typer.Option(
+    "--bn-stats", rich_help_panel=RECIPE_PANEL, show_default="train; frozen with --train blocks|head",
     help="train: BatchNorm updates its running statistics on your data; frozen: keeps the pretrained ones all run "
          "(measured 5-12 points better on two small offline sets at the default lr, but unstable at lr 2e-3 without "
          "warm-up; docs/results.md).")]
@@ -120,6 +121,8 @@ def lr_mults(head_lr_mult: Optional[float], block_lr_mult: Optional[float],
     """``head_lr_mult`` (default 10) and ``block_lr_mult`` (None = the measured default) from the options;
     retrofit 0.1's ``--new-lr-mult M`` sets both, and is refused beside either of them."""
     if new_lr_mult is not None:
+        if not (math.isfinite(new_lr_mult) and new_lr_mult > 0):
+            fail(f"--new-lr-mult must be a finite number > 0, got {new_lr_mult}")
         if head_lr_mult is not None or block_lr_mult is not None:
             fail("--new-lr-mult sets both --head-lr-mult and --block-lr-mult; give those two instead")
         return {"head_lr_mult": new_lr_mult, "block_lr_mult": new_lr_mult}

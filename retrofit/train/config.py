@@ -172,9 +172,9 @@ class FinetuneConfig:
             (_finite(self.momentum) and 0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
             (_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (_positive(self.head_lr_mult), f"--head-lr-mult must be a number > 0, got {self.head_lr_mult}"),
+            (_positive(self.head_lr_mult), f"--head-lr-mult must be a finite number > 0, got {self.head_lr_mult}"),
             (self.block_lr_mult is None or _positive(self.block_lr_mult),
-             f"--block-lr-mult must be a number > 0, got {self.block_lr_mult}"),
+             f"--block-lr-mult must be a finite number > 0, got {self.block_lr_mult}"),
             (self.block_warmup_epochs is None or (_finite(self.block_warmup_epochs)
                                                   and 0 <= self.block_warmup_epochs <= self.epochs),
              f"--block-warmup-epochs must be between 0 and --epochs, got {self.block_warmup_epochs}"),
@@ -222,6 +222,9 @@ class FinetuneConfig:
             (not ((self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2),
              f"--mixup/--cutmix pair each image with another of its batch: --batch-size must be even, got {self.batch_size}"),
         ]
+        given = self.block_settings_given()
+        checks.append((not (given and self.train == "head"),
+                       f"{given[0] if given else ''} does not apply with --train head: the inserted blocks do not train"))
         for ok, message in checks:
             if not ok:
                 raise RetrofitError(message)
