@@ -239,3 +239,11 @@ def test_the_noise_cell_is_the_base_again_with_a_perturbed_learning_rate(tmp_pat
     frozen, base = configs["noise_head"]
     assert (frozen.freeze_backbone_epochs, base) == (4, "none_head")
     assert configs["none_full"][0].lr == 2e-3
+
+
+def test_new_lr_mult_sets_both_rates_and_only_the_heads_without_blocks():
+    from retrofit.cli.finetune_options import lr_mults
+
+    assert lr_mults(None, None, 2.0) == {"head_lr_mult": 2.0, "block_lr_mult": 2.0}
+    assert lr_mults(None, None, 2.0, blocks=False) == {"head_lr_mult": 2.0, "block_lr_mult": None}
+    assert lr_mults(None, 0.5, None) == {"head_lr_mult": 10.0, "block_lr_mult": 0.5}

@@ -7,7 +7,6 @@ Parsing and printing only; the engine is :func:`retrofit.train.finetune`. Under
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -141,9 +140,6 @@ def finetune(
     if bn_stats == "train" and train != "full":
         fail(f"--bn-stats train does not apply with --train {train}: the backbone and its BatchNorm statistics stay "
              "frozen")
-    if (new_lr_mult is not None and block is None and not source.endswith(".safetensors") and head_lr_mult is None
-            and block_lr_mult is None and math.isfinite(new_lr_mult) and new_lr_mult > 0):
-        head_lr_mult, new_lr_mult = new_lr_mult, None  # no inserted blocks: retrofit 0.1's factor is the head's
     from ..train.config import FinetuneConfig
 
     config = FinetuneConfig(
@@ -159,6 +155,7 @@ def finetune(
             color_jitter=color_jitter, skip_bad_images=skip_bad_images, epochs=epochs, batch_size=batch_size,
             optimizer=optimizer, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
             momentum=momentum, label_smoothing=label_smoothing, new_lr_mult=new_lr_mult,
+            blocks=block is not None or source.endswith(".safetensors"),
             head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult, block_warmup_epochs=block_warmup_epochs,
             bn_stats=bn_stats or ("train" if train == "full" else "frozen"),
             freeze_backbone_epochs=freeze_backbone_epochs, accum_steps=accum_steps, clip_grad=clip_grad, ema=ema,

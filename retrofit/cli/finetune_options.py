@@ -116,34 +116,35 @@ def parse_floats(text: str, what: str, count: int) -> list[float]:
     return values
 
 
-def lr_mults(head_lr_mult: Optional[float], block_lr_mult: Optional[float],
-             new_lr_mult: Optional[float]) -> dict[str, Any]:
+def lr_mults(head_lr_mult: Optional[float], block_lr_mult: Optional[float], new_lr_mult: Optional[float], *,
+             blocks: bool = True) -> dict[str, Any]:
     """``head_lr_mult`` (default 10) and ``block_lr_mult`` (None = the measured default) from the options;
-    retrofit 0.1's ``--new-lr-mult M`` sets both, and is refused beside either of them."""
+    retrofit 0.1's ``--new-lr-mult M`` sets both (only the head's where ``blocks`` is False: a model name
+    without ``--block`` has no inserted blocks), and is refused beside either of them."""
     if new_lr_mult is not None:
         if not (math.isfinite(new_lr_mult) and new_lr_mult > 0):
             fail(f"--new-lr-mult must be a finite number > 0, got {new_lr_mult}")
         if head_lr_mult is not None or block_lr_mult is not None:
             fail("--new-lr-mult sets both --head-lr-mult and --block-lr-mult; give those two instead")
-        return {"head_lr_mult": new_lr_mult, "block_lr_mult": new_lr_mult}
+        return {"head_lr_mult": new_lr_mult, "block_lr_mult": new_lr_mult if blocks else None}
     return {"head_lr_mult": 10.0 if head_lr_mult is None else head_lr_mult, "block_lr_mult": block_lr_mult}
 
 
 def recipe_settings(
     *, val_data: Optional[Path], weights: Optional[Path], no_pretrained: bool, dataset_root: Optional[Path],
     scale: str, workers: Optional[int], head_lr_mult: Optional[float] = None, block_lr_mult: Optional[float] = None,
-    new_lr_mult: Optional[float] = None, **values: Any,
+    new_lr_mult: Optional[float] = None, blocks: bool = True, **values: Any,
 ) -> dict[str, Any]:
     """:class:`~retrofit.train.FinetuneConfig` keyword arguments from the shared options' values.
 
     ``values`` holds the options whose value passes through unchanged (``epochs``, ``lr``, …,
-    named as the config's fields).
+    named as the config's fields). ``blocks``: whether the model may have inserted blocks (:func:`lr_mults`).
     """
     from ..train.config import default_workers
 
     return {
         **values,
-        **lr_mults(head_lr_mult, block_lr_mult, new_lr_mult),
+        **lr_mults(head_lr_mult, block_lr_mult, new_lr_mult, blocks=blocks),
         "val_data": str(val_data) if val_data else None,
         "weights": str(weights) if weights else None,
         "pretrained": not no_pretrained,

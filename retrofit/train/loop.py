@@ -99,7 +99,8 @@ class Trainer:
             self._restore(self.state)
             if self.d.is_main and self.history:
                 write_epoch_files(self)
-            self.drift_start = (self.epoch, parameter_snapshot(self.model))
+        #: (epoch, parameters) that drift.csv measures from: the run's start, or the epoch a resume began at
+        self.drift_start = (self.epoch, parameter_snapshot(self.model))
         self._step_schedule()
 
     def prepare(self, model: nn.Module, batches_per_epoch: int) -> None:
@@ -124,8 +125,6 @@ class Trainer:
         self.mixup = make_mixup(cfg, num_classes(model))
         self.ema = make_ema(model, cfg)
         self.block_warmup = block_warmup_updates(cfg, self.updates_per_epoch)
-        #: (epoch, parameters) that drift.csv measures from: the run's start, or the epoch a resume began at
-        self.drift_start = (0, parameter_snapshot(model))
 
         self.epoch, self.updates = 0, 0
         self.saved_epoch = 0  # the last epoch whose trainer state is written: --resume continues from it
